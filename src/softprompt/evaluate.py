@@ -1,0 +1,145 @@
+"""Scoring with a frozen model and (optionally) a soft prompt: rank classification, generation, metrics.
+
+Rank classification: a label's score is the SUM of its verbalizer tokens' log-probs (no length normalisation, so
+a longer label word must earn each extra token). Ties go to the label listed first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .backbone import Backbone
+from .data import Encoded, Encoder, Example
+from .prompt import SoftPrompt
+from .tasks import TaskSpec
+
+
+@dataclass
+class Report:
+    task: str
+    n: int
+    metric: str
+    accuracy: float
+    macro_f1: float | None = None
+    labels: list[str] | None = None
+    confusion: list[list[int]] | None = None  # confusion[gold][predicted]
+    per_class: dict[str, dict] | None = None
+    truncated: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def length_sorted_batches(items: list[Encoded], batch_size: int) -> list[list[int]]:
+    """Index batches of similar input length, so little compute is spent on padding."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+@torch.inference_mode()
+def label_scores(
+    backbone: Backbone,
+    encoder: Encoder,
+    items: list[Encoded],
+    prompts: torch.Tensor | None = None,
+    prompt_index: torch.Tensor | None = None,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """[n, num_labels] summed log-probs. `prompts` is [P, K, d]; `prompt_index` [n] picks one per item."""
+    num_labels = len(encoder.label_ids)
+    scores = torch.empty(len(items), num_labels)
+    # The prompt's keys/values are the same for every item: compute them once for the whole run.
+    prompt_kv = backbone.prompt_key_values(prompts)
+    for indices in length_sorted_batches(items, batch_size):
+        batch, groups = encoder.scoring_batch([items[i] for i in indices])
+        rows_per_item = batch.input_ids.shape[0] // len(indices)
+        index = None
+        if prompt_index is not None:
+            index = prompt_index[indices].repeat_interleave(rows_per_item)
+        logprobs = backbone.target_logprobs(batch, prompts, index, prompt_kv=prompt_kv).cpu()
+        summed = torch.zeros(len(indices) * num_labels).index_add_(0, groups, logprobs)
+        scores[indices] = summed.view(len(indices), num_labels)
+    return scores
+
+
+def classification_report(task: TaskSpec, gold: list[int], predicted: list[int], truncated: int = 0) -> Report:
+    labels = task.labels
+    confusion = [[0] * len(labels) for _ in labels]
+    for g, p in zip(gold, predicted):
+        confusion[g][p] += 1
+    per_class, f1s = {}, []
+    for i, label in enumerate(labels):
+        correct = confusion[i][i]
+        support = sum(confusion[i])
+        predicted_count = sum(row[i] for row in confusion)
+        precision = correct / predicted_count if predicted_count else 0.0
+        recall = correct / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        f1s.append(f1)
+        per_class[label] = {"support": support, "predicted": predicted_count, "correct": correct,
+                            "precision": precision, "recall": recall, "f1": f1}
+    accuracy = sum(confusion[i][i] for i in range(len(labels))) / max(len(gold), 1)
+    return Report(task.name, len(gold), "accuracy", accuracy, sum(f1s) / len(f1s), list(labels), confusion,
+                  per_class, truncated)
+
+
+def evaluate(
+    backbone: Backbone,
+    examples: list[Example],
+    prompt: SoftPrompt | None = None,
+    task: TaskSpec | None = None,
+    batch_size: int = 32,
+    max_input_tokens: int = 256,
+    max_new_tokens: int = 32,
+) -> Report:
+    """Accuracy (and macro-F1, confusion) of the prompt, or of the hand-written template alone without one."""
+    task = task or prompt.task
+    if prompt is not None:
+        prompt.check_backbone(backbone)
+    encoder = Encoder(backbone, task, max_input_tokens)
+    items = encoder.encode_all(examples)
+    truncated = sum(item.truncated for item in items)
+    if not task.is_classification:
+        outputs = generate(backbone, encoder, items, prompt, max_new_tokens)
+        matches = [out.strip() == ex.target.strip() for out, ex in zip(outputs, examples)]
+        return Report(task.name, len(items), "exact_match", sum(matches) / len(matches), truncated=truncated)
+    prompts = None if prompt is None else prompt.embeddings.unsqueeze(0).to(backbone.device)
+    scores = label_scores(backbone, encoder, items, prompts, batch_size=batch_size)
+    return classification_report(task, [item.label for item in items], scores.argmax(1).tolist(), truncated)
+
+
+def generate(backbone: Backbone, encoder: Encoder, items: list[Encoded], prompt: SoftPrompt | None,
+             max_new_tokens: int) -> list[str]:
+    """Greedy decoding; stops at EOS or a newline."""
+    stop = set(encoder.eos_ids) | set(backbone.tokenizer.all_special_ids)
+    embeddings = None if prompt is None else prompt.embeddings.to(backbone.device)
+    texts = []
+    for item in items:
+        ids = backbone.generate(item.input_ids, embeddings, max_new_tokens, stop)
+        texts.append(backbone.tokenizer.decode(ids).split("\n")[0])
+    return texts
+
+
+@dataclass
+class Prediction:
+    label: str
+    scores: dict[str, float]  # probability of each label (softmax over the label scores)
+
+
+def predict(backbone: Backbone, prompt: SoftPrompt | None, examples: list[Example], task: TaskSpec | None = None,
+            batch_size: int = 32, max_input_tokens: int = 256) -> list[Prediction]:
+    task = task or prompt.task
+    if prompt is not None:
+        prompt.check_backbone(backbone)
+    encoder = Encoder(backbone, task, max_input_tokens)
+    items = encoder.encode_all(examples)
+    if not task.is_classification:
+        return [Prediction(text, {}) for text in generate(backbone, encoder, items, prompt, 64)]
+    prompts = None if prompt is None else prompt.embeddings.unsqueeze(0).to(backbone.device)
+    probabilities = label_scores(backbone, encoder, items, prompts, batch_size=batch_size).softmax(1)
+    return [
+        Prediction(task.labels[int(row.argmax())], {label: float(p) for label, p in zip(task.labels, row)})
+        for row in probabilities
+    ]

@@ -1,0 +1,251 @@
+"""The prompt-tuning recipe: only the [K, d] prompt trains; the backbone stays frozen.
+
+Validation every `eval_every` steps keeps the best prompt; `patience` evaluations without improvement stop early.
+A checkpoint next to the output (`<out>.ckpt.safetensors`) lets `resume=True` continue an interrupted run exactly:
+the data order is a pure function of (seed, step). Metrics are appended to `<out>.log.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers.optimization import Adafactor
+
+from .backbone import Backbone
+from .data import Encoded, Encoder, Example
+from .errors import SoftPromptError
+from .evaluate import classification_report, label_scores
+from .files import write_atomically
+from .initializers import initialize
+from .prompt import SoftPrompt
+from .tasks import TaskSpec
+
+DEFAULT_LR = {"adafactor": 0.3, "adamw": 1e-3}  # paper preset; AdamW at PEFT's usual rate
+
+
+@dataclass
+class TrainConfig:
+    prompt_length: int = 20
+    init: str = "class-label"
+    optimizer: str = "adafactor"
+    lr: float | None = None  # None: DEFAULT_LR for the optimizer
+    weight_decay: float = 1e-5
+    batch_size: int = 16
+    steps: int = 300
+    eval_every: int = 50
+    patience: int = 4  # evaluations without improvement before stopping; 0 = never stop early
+    valid_limit: int | None = 300  # validation examples scored at each evaluation (None = all)
+    max_input_tokens: int = 256
+    seed: int = 0
+    path: str = "cached"  # "cached" prompt keys/values, or the "concat" reference
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+
+@dataclass
+class TrainResult:
+    prompt: SoftPrompt
+    best_metric: float
+    best_step: int
+    steps_run: int
+    stopped_early: bool
+    history: list[dict]
+
+
+def make_optimizer(config: TrainConfig, parameter: torch.Tensor) -> torch.optim.Optimizer:
+    if config.optimizer == "adafactor":
+        return Adafactor([parameter], lr=config.learning_rate, scale_parameter=False, relative_step=False,
+                         warmup_init=False, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW([parameter], lr=config.learning_rate, weight_decay=config.weight_decay)
+    raise SoftPromptError(f"unknown optimizer {config.optimizer!r}; choose adafactor or adamw")
+
+
+def batch_order(items: list[Encoded], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffled batches of similar length (little padding), a pure function of (seed, epoch)."""
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(items)))
+    rng.shuffle(order)
+    window = batch_size * 32
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: len(items[i].input_ids))
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return [batch for batch in batches if len(batch) == batch_size] or batches
+
+
+def batch_for_step(items: list[Encoded], config: TrainConfig, step: int) -> list[int]:
+    per_epoch = len(batch_order(items, config.batch_size, config.seed, 0))
+    return batch_order(items, config.batch_size, config.seed, step // per_epoch)[step % per_epoch]
+
+
+def prompt_loss(backbone: Backbone, encoder: Encoder, items: list[Encoded], prompt: torch.Tensor,
+                path: str = "cached") -> torch.Tensor:
+    """Mean over examples of the negative log-likelihood of the gold continuation (label tokens only)."""
+    batch = encoder.training_batch(items)
+    logprobs = backbone.target_logprobs(batch, prompt.unsqueeze(0), path=path)
+    return -logprobs.sum() / len(items)
+
+
+def validation_metric(backbone: Backbone, encoder: Encoder, items: list[Encoded], prompt: torch.Tensor,
+                      task: TaskSpec) -> float:
+    scores = label_scores(backbone, encoder, items, prompt.detach().unsqueeze(0))
+    return classification_report(task, [i.label for i in items], scores.argmax(1).tolist()).accuracy
+
+
+def train(
+    backbone: Backbone,
+    task: TaskSpec,
+    train_examples: list[Example],
+    valid_examples: list[Example],
+    out: str | Path,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train a soft prompt; the best one (by validation accuracy) is saved to `out` and returned."""
+    config = config or TrainConfig()
+    if not task.is_classification:
+        raise SoftPromptError("training currently needs a classification task (labels); generation targets "
+                              "can be evaluated but validation-by-accuracy needs labels")
+    if not train_examples:
+        raise SoftPromptError("the training set is empty")
+    out = Path(out)
+    checkpoint_path = out.with_name(out.name + ".ckpt.safetensors")
+    log_path = out.with_name(out.name + ".log.jsonl")
+    torch.manual_seed(config.seed)
+    encoder = Encoder(backbone, task, config.max_input_tokens)
+    train_items = encoder.encode_all(train_examples)
+    valid_items = encoder.encode_all(valid_examples[: config.valid_limit] if config.valid_limit else valid_examples)
+    if not valid_items:
+        raise SoftPromptError("the validation set is empty")
+
+    initial = initialize(config.init, backbone, config.prompt_length, task, config.seed).to(backbone.device)
+    prompt = torch.nn.Parameter(initial.clone())
+    optimizer = make_optimizer(config, prompt)
+    state = {"step": 0, "best_metric": -1.0, "best_step": 0, "bad_evals": 0, "history": []}
+    best = initial.clone()
+    if resume and checkpoint_path.exists():
+        state, best = _load_checkpoint(checkpoint_path, prompt, optimizer, config)
+    elif resume:
+        raise SoftPromptError(f"--resume: no checkpoint at {checkpoint_path}")
+    elif log_path.exists():
+        log_path.unlink()  # a fresh run starts a fresh log
+
+    if state["step"] == 0 and state["best_metric"] < 0:
+        state["best_metric"] = validation_metric(backbone, encoder, valid_items, prompt, task)
+        _log(log_path, state, {"step": 0, "valid_accuracy": state["best_metric"], "elapsed_s": 0.0})
+
+    started = time.perf_counter() - state.get("elapsed_s", 0.0)
+    running_loss, running_count = 0.0, 0
+    stopped_early = False
+    columns = [TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, disable=not show_progress, transient=False) as progress:
+        bar = progress.add_task(_status(state, None), total=config.steps, completed=state["step"])
+        while state["step"] < config.steps:
+            indices = batch_for_step(train_items, config, state["step"])
+            loss = prompt_loss(backbone, encoder, [train_items[i] for i in indices], prompt, config.path)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            state["step"] += 1
+            running_loss += loss.item()
+            running_count += 1
+            progress.update(bar, advance=1, description=_status(state, running_loss / running_count))
+            if state["step"] % config.eval_every == 0 or state["step"] == config.steps:
+                metric = validation_metric(backbone, encoder, valid_items, prompt, task)
+                if metric > state["best_metric"]:
+                    state.update(best_metric=metric, best_step=state["step"], bad_evals=0)
+                    best = prompt.detach().clone()
+                else:
+                    state["bad_evals"] += 1
+                state["elapsed_s"] = time.perf_counter() - started
+                _log(log_path, state, {"step": state["step"], "loss": running_loss / running_count,
+                                       "valid_accuracy": metric, "elapsed_s": round(state["elapsed_s"], 2)})
+                running_loss, running_count = 0.0, 0
+                _save_checkpoint(checkpoint_path, prompt, best, optimizer, state, config)
+                progress.update(bar, description=_status(state, None))
+                if config.patience and state["bad_evals"] >= config.patience:
+                    stopped_early = True
+                    break
+
+    result_prompt = SoftPrompt(
+        embeddings=best.cpu(),
+        base_model=backbone.name,
+        fingerprint=backbone.fingerprint,
+        task=task,
+        init=config.init,
+        training={
+            "config": asdict(config),
+            "steps_run": state["step"],
+            "best_step": state["best_step"],
+            "best_valid_accuracy": state["best_metric"],
+            "valid_examples": len(valid_items),
+            "train_examples": len(train_items),
+            "stopped_early": stopped_early,
+            "elapsed_s": round(time.perf_counter() - started, 1),
+        },
+    )
+    result_prompt.save(out)
+    checkpoint_path.unlink(missing_ok=True)
+    return TrainResult(result_prompt, state["best_metric"], state["best_step"], state["step"], stopped_early,
+                       state["history"])
+
+
+def _status(state: dict, loss: float | None) -> str:
+    loss_text = f"loss {loss:.3f}  " if loss is not None else ""
+    return f"{loss_text}best valid acc {state['best_metric']:.3f} @ {state['best_step']}"
+
+
+def _log(path: Path, state: dict, record: dict) -> None:
+    state["history"].append(record)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as log:
+        log.write(json.dumps(record) + "\n")
+
+
+def _save_checkpoint(path: Path, prompt: torch.Tensor, best: torch.Tensor, optimizer: torch.optim.Optimizer,
+                     state: dict, config: TrainConfig) -> None:
+    """Everything needed to continue: prompt, best prompt, optimizer state, counters (safetensors, no pickle)."""
+    tensors = {"prompt": prompt.detach().cpu().contiguous(), "best": best.cpu().contiguous()}
+    scalars = {}
+    for key, value in optimizer.state_dict()["state"].get(0, {}).items():
+        if torch.is_tensor(value):
+            tensors[f"optimizer.{key}"] = value.detach().cpu().contiguous()
+        else:
+            scalars[key] = value
+    metadata = {"state": json.dumps(state), "optimizer_scalars": json.dumps(scalars),
+                "config": json.dumps(asdict(config))}
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def _load_checkpoint(path: Path, prompt: torch.nn.Parameter, optimizer: torch.optim.Optimizer,
+                     config: TrainConfig) -> tuple[dict, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    saved = json.loads(metadata["config"])
+    if saved["prompt_length"] != config.prompt_length or saved["optimizer"] != config.optimizer:
+        raise SoftPromptError(f"checkpoint {path} was made with prompt length {saved['prompt_length']} and "
+                              f"{saved['optimizer']}; this run asks for {config.prompt_length} and {config.optimizer}")
+    with torch.no_grad():
+        prompt.copy_(tensors["prompt"].to(prompt.device))
+    optimizer_state = json.loads(metadata["optimizer_scalars"])
+    optimizer_state.update({key[len("optimizer."):]: value for key, value in tensors.items()
+                            if key.startswith("optimizer.")})
+    full = optimizer.state_dict()
+    full["state"] = {0: optimizer_state}
+    optimizer.load_state_dict(full)
+    return json.loads(metadata["state"]), tensors["best"].to(prompt.device)
