@@ -9,6 +9,7 @@ Either way the LM head is applied only at the positions that predict a target to
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from functools import cached_property
@@ -39,7 +40,8 @@ class TokenBatch:
 class Backbone:
     """A frozen causal LM (every base weight has `requires_grad=False`) plus its tokenizer."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str):
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str,
+                 precision: str = "fp32"):
         self.model = model.eval()
         self.model.requires_grad_(False)
         self.tokenizer = tokenizer
@@ -49,6 +51,13 @@ class Backbone:
         self.logit_softcap = getattr(model.config, "final_logit_softcapping", None)
         self.bos_ids = self._leading_special_ids()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+        self.precision = resolve_precision(precision, self.device)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 matmuls over fp32 weights and an fp32 prompt (the master copy stays fp32)."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _leading_special_ids(self) -> list[int]:
         """The BOS the tokenizer would add (Gemma, Llama-2 style); the prompt goes after it."""
@@ -102,7 +111,8 @@ class Backbone:
         if length == 0:
             return [], 0
         positions = torch.arange(length, device=self.device).unsqueeze(0).expand(prefix.shape[0], -1)
-        output = self.body(inputs_embeds=prefix, position_ids=positions, use_cache=True)
+        with self.autocast():
+            output = self.body(inputs_embeds=prefix, position_ids=positions, use_cache=True)
         cache = output.past_key_values
         return [(layer.keys, layer.values) for layer in cache.layers], length
 
@@ -131,26 +141,29 @@ class Backbone:
                 )
             positions = prefix_length + torch.arange(length, device=self.device).unsqueeze(0).expand(rows, -1)
             full_mask = torch.cat([mask.new_ones(rows, prefix_length), mask], dim=1)
-            hidden = self.body(
-                inputs_embeds=self.embed(input_ids),
-                attention_mask=full_mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=cache is not None,
-            ).last_hidden_state
+            with self.autocast():
+                hidden = self.body(
+                    inputs_embeds=self.embed(input_ids),
+                    attention_mask=full_mask,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=cache is not None,
+                ).last_hidden_state
         elif path == "concat":
             prefix = self.prefix_embeddings(prompts)
             prefix_length = prefix.shape[1]
             embeds = torch.cat([prefix[prompt_index], self.embed(input_ids)], dim=1)
             full_mask = torch.cat([mask.new_ones(rows, prefix_length), mask], dim=1)
             positions = torch.arange(prefix_length + length, device=self.device).unsqueeze(0).expand(rows, -1)
-            hidden = self.body(
-                inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions, use_cache=False
-            ).last_hidden_state[:, prefix_length:]
+            with self.autocast():
+                hidden = self.body(
+                    inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions, use_cache=False
+                ).last_hidden_state[:, prefix_length:]
         else:
             raise SoftPromptError(f"unknown forward path {path!r}; use 'cached' or 'concat'")
         selected = hidden[batch.target_rows.to(self.device), batch.target_positions.to(self.device)]
-        logits = self.head(selected).float()
+        with self.autocast():
+            logits = self.head(selected).float()
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits.log_softmax(-1).gather(1, batch.target_ids.to(self.device).unsqueeze(1)).squeeze(1)
@@ -166,11 +179,12 @@ class Backbone:
         generated: list[int] = []
         for _ in range(max_new_tokens):
             positions = torch.arange(position, position + step_ids.shape[1], device=self.device).unsqueeze(0)
-            output = self.body(
-                inputs_embeds=self.embed(step_ids), position_ids=positions, past_key_values=cache, use_cache=True
-            )
+            with self.autocast():
+                output = self.body(
+                    inputs_embeds=self.embed(step_ids), position_ids=positions, past_key_values=cache, use_cache=True
+                )
+                logits = self.head(output.last_hidden_state[:, -1])
             position += step_ids.shape[1]
-            logits = self.head(output.last_hidden_state[:, -1])
             token = int(logits.argmax(-1))
             if token in stop_ids:
                 break
@@ -179,8 +193,30 @@ class Backbone:
         return generated
 
 
-def load_model(name: str | None = None) -> Backbone:
-    """Load a frozen causal LM by built-in name, local directory, .gguf path or cached HF id."""
+def cpu_has_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto": bf16 autocast where the hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise SoftPromptError(f"unknown precision {precision!r}; choose auto, bf16 or fp32")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def load_model(name: str | None = None, precision: str = "auto") -> Backbone:
+    """Load a frozen causal LM by built-in name, local directory, .gguf path or cached HF id.
+
+    `precision`: "auto" (bf16 autocast where the hardware has it, else fp32), "bf16" or "fp32".
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .models import DEFAULT_MODEL, resolve
@@ -189,4 +225,5 @@ def load_model(name: str | None = None) -> Backbone:
     directory = resolve(name)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    return Backbone(model, tokenizer, name=name)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return Backbone(model.to(device), tokenizer, name=name, precision=precision)

@@ -29,6 +29,7 @@ console = Console()
 err = Console(stderr=True)
 
 ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Built-in name, local dir, .gguf or HF id.")]
+PrecisionOption = Annotated[str, typer.Option(help="auto (bf16 where the hardware has it) | bf16 | fp32.")]
 
 
 def _labels(labels: str | None) -> list[str] | None:
@@ -64,25 +65,28 @@ def train(
     labels: Annotated[str | None, typer.Option(help='Comma-separated, e.g. "negative,positive".')] = None,
     text_field: Annotated[str | None, typer.Option(help="Row field for the default template {text}.")] = None,
     label_field: Annotated[str, typer.Option(help="Row field holding the label.")] = "label",
-    prompt_length: Annotated[int, typer.Option(help="Number of virtual tokens K.")] = 20,
-    init: Annotated[str, typer.Option(help='class-label | vocab | uniform | text:"..."')] = "class-label",
-    optimizer: Annotated[str, typer.Option(help="adafactor (paper preset) | adamw")] = "adafactor",
-    lr: Annotated[float | None, typer.Option(help="Default: 0.3 for adafactor, 1e-3 for adamw.")] = None,
-    batch_size: int = 16,
+    prompt_length: Annotated[int, typer.Option(help="Number of virtual tokens K.")] = TrainConfig.prompt_length,
+    init: Annotated[str, typer.Option(help='class-label | vocab | uniform | text:"..."')] = TrainConfig.init,
+    optimizer: Annotated[str, typer.Option(help="adamw | adafactor (paper preset).")] = TrainConfig.optimizer,
+    lr: Annotated[float | None, typer.Option(help="Default: 0.01 for adamw, 0.3 for adafactor.")] = None,
+    batch_size: int = TrainConfig.batch_size,
     steps: int = TrainConfig.steps,
     eval_every: int = TrainConfig.eval_every,
-    patience: Annotated[int, typer.Option(help="Evaluations without improvement before stopping (0: off).")] = 4,
-    valid_limit: Annotated[int, typer.Option(help="Validation examples per evaluation (0: all).")] = 300,
+    patience: Annotated[int, typer.Option(help="Evals without gain before stopping (0: off).")] = TrainConfig.patience,
+    valid_limit: Annotated[int, typer.Option(help="Validation examples per eval (0: all).")] = TrainConfig.valid_limit,
     max_length: Annotated[int, typer.Option(help="Max input tokens (longer: cut, template tail kept).")] = 256,
     seed: int = 0,
     resume: Annotated[bool, typer.Option(help="Continue from <out>.ckpt.safetensors.")] = False,
     path: Annotated[str, typer.Option(help="cached (prompt KV once per batch) | concat.")] = "cached",
+    objective: Annotated[str, typer.Option(help="rank (CE over labels) | lm (paper).")] = TrainConfig.objective,
+    schedule: Annotated[str, typer.Option(help="linear (decay to 0) | constant.")] = TrainConfig.schedule,
+    precision: PrecisionOption = "auto",
     baseline: Annotated[bool, typer.Option(help="Score the hand-written template on the test split first.")] = True,
 ) -> None:
     """Train a soft prompt on a frozen model; prints zero-shot and trained test accuracy."""
     dataset = load_dataset(data, valid, test, unescape(template) if template else None, _labels(labels),
                            text_field, label_field)
-    backbone = load_model(model)
+    backbone = load_model(model, precision)
     console.print(f"model [bold]{backbone.name}[/], task [bold]{dataset.task.name}[/]: "
                   f"{len(dataset.train)} train / {len(dataset.validation)} validation / {len(dataset.test)} test")
     if dataset.test and baseline:
@@ -90,7 +94,7 @@ def train(
         _show_report(zero_shot, f"hand-written prompt {dataset.task.template!r} on test")
     config = TrainConfig(prompt_length=prompt_length, init=init, optimizer=optimizer, lr=lr, batch_size=batch_size,
                          steps=steps, eval_every=eval_every, patience=patience, valid_limit=valid_limit or None,
-                         max_input_tokens=max_length, seed=seed, path=path)
+                         max_input_tokens=max_length, seed=seed, path=path, objective=objective, schedule=schedule)
     result = train_prompt(backbone, dataset.task, dataset.train, dataset.validation, out, config, resume=resume)
     console.print(f"best validation accuracy {result.best_metric:.4f} at step {result.best_step} "
                   f"({result.steps_run} steps{', stopped early' if result.stopped_early else ''})")
@@ -104,9 +108,9 @@ def train(
     console.print(f"saved prompt to [bold]{out}[/]")
 
 
-def _prompt_and_model(prompt: Path | None, model: str | None) -> tuple[SoftPrompt | None, Backbone]:
+def _prompt_and_model(prompt: Path | None, model: str | None, precision: str) -> tuple[SoftPrompt | None, Backbone]:
     soft_prompt = SoftPrompt.load(prompt) if prompt else None
-    backbone = load_model(model or (soft_prompt.base_model if soft_prompt else None))
+    backbone = load_model(model or (soft_prompt.base_model if soft_prompt else None), precision)
     if soft_prompt:
         soft_prompt.check_backbone(backbone)
     return soft_prompt, backbone
@@ -125,9 +129,10 @@ def eval_command(
     limit: Annotated[int, typer.Option(help="Score only the first N examples (0: all).")] = 0,
     max_length: int = 256,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    precision: PrecisionOption = "auto",
 ) -> None:
     """Accuracy, macro-F1, per-class counts and confusion matrix of a prompt (or the hand-written template)."""
-    soft_prompt, backbone = _prompt_and_model(prompt, model)
+    soft_prompt, backbone = _prompt_and_model(prompt, model, precision)
     if soft_prompt:
         task = soft_prompt.task
         if data in BUILTIN_DATASETS:
@@ -160,9 +165,10 @@ def predict_command(
     data: Annotated[Path | None, typer.Option(help="JSONL/CSV file of inputs.")] = None,
     model: ModelOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per input.")] = False,
+    precision: PrecisionOption = "auto",
 ) -> None:
     """Label and per-label scores for each input."""
-    soft_prompt, backbone = _prompt_and_model(prompt, model)
+    soft_prompt, backbone = _prompt_and_model(prompt, model, precision)
     task = soft_prompt.task
     examples = []
     if data:
@@ -226,7 +232,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except SoftPromptError as error:
-        err.print(f"[red]error:[/] {error}", highlight=False)
+        err.print(f"error: {error}", style="red", highlight=False, soft_wrap=True, markup=False)
         sys.exit(2)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)

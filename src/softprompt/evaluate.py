@@ -59,9 +59,14 @@ def label_scores(
         if prompt_index is not None:
             index = prompt_index[indices].repeat_interleave(rows_per_item)
         logprobs = backbone.target_logprobs(batch, prompts, index, prompt_kv=prompt_kv).cpu()
-        summed = torch.zeros(len(indices) * num_labels).index_add_(0, groups, logprobs)
-        scores[indices] = summed.view(len(indices), num_labels)
+        scores[indices] = sum_label_tokens(logprobs, groups, len(indices), num_labels)
     return scores
+
+
+def sum_label_tokens(logprobs: torch.Tensor, groups: torch.Tensor, items: int, num_labels: int) -> torch.Tensor:
+    """[items, num_labels] label scores from per-token log-probs and their (item * num_labels + label) groups."""
+    summed = logprobs.new_zeros(items * num_labels).index_add(0, groups.to(logprobs.device), logprobs)
+    return summed.view(items, num_labels)
 
 
 def classification_report(task: TaskSpec, gold: list[int], predicted: list[int], truncated: int = 0) -> Report:

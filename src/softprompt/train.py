@@ -22,30 +22,32 @@ from transformers.optimization import Adafactor
 from .backbone import Backbone
 from .data import Encoded, Encoder, Example
 from .errors import SoftPromptError
-from .evaluate import classification_report, label_scores
+from .evaluate import classification_report, label_scores, sum_label_tokens
 from .files import write_atomically
 from .initializers import initialize
 from .prompt import SoftPrompt
 from .tasks import TaskSpec
 
-DEFAULT_LR = {"adafactor": 0.3, "adamw": 1e-3}  # paper preset; AdamW at PEFT's usual rate
+DEFAULT_LR = {"adamw": 0.01, "adafactor": 0.3}  # adafactor: the paper preset (see README, "Defaults")
 
 
 @dataclass
 class TrainConfig:
     prompt_length: int = 20
     init: str = "class-label"
-    optimizer: str = "adafactor"
+    optimizer: str = "adamw"
     lr: float | None = None  # None: DEFAULT_LR for the optimizer
     weight_decay: float = 1e-5
     batch_size: int = 16
-    steps: int = 300
-    eval_every: int = 50
+    steps: int = 200
+    eval_every: int = 25
     patience: int = 4  # evaluations without improvement before stopping; 0 = never stop early
     valid_limit: int | None = 300  # validation examples scored at each evaluation (None = all)
     max_input_tokens: int = 256
     seed: int = 0
     path: str = "cached"  # "cached" prompt keys/values, or the "concat" reference
+    schedule: str = "linear"  # learning rate: "linear" decay to 0 over `steps`, or "constant"
+    objective: str = "rank"  # "rank": cross-entropy over the labels' scores; "lm": label tokens' NLL (paper)
 
     @property
     def learning_rate(self) -> float:
@@ -68,7 +70,18 @@ def make_optimizer(config: TrainConfig, parameter: torch.Tensor) -> torch.optim.
                          warmup_init=False, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
         return torch.optim.AdamW([parameter], lr=config.learning_rate, weight_decay=config.weight_decay)
-    raise SoftPromptError(f"unknown optimizer {config.optimizer!r}; choose adafactor or adamw")
+    raise SoftPromptError(f"unknown optimizer {config.optimizer!r}; choose adamw or adafactor")
+
+
+def make_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer,
+                  start_step: int = 0) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear decay lets a noisy small-batch run settle instead of oscillating around the optimum."""
+    if config.schedule == "linear":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: max(0.0, 1 - (start_step + step) / config.steps))
+    if config.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    raise SoftPromptError(f"unknown schedule {config.schedule!r}; choose linear or constant")
 
 
 def batch_order(items: list[Encoded], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -91,11 +104,22 @@ def batch_for_step(items: list[Encoded], config: TrainConfig, step: int) -> list
 
 
 def prompt_loss(backbone: Backbone, encoder: Encoder, items: list[Encoded], prompt: torch.Tensor,
-                path: str = "cached") -> torch.Tensor:
-    """Mean over examples of the negative log-likelihood of the gold continuation (label tokens only)."""
-    batch = encoder.training_batch(items)
+                path: str = "cached", objective: str = "rank") -> torch.Tensor:
+    """Loss on the label tokens only, mean over examples.
+
+    "lm": negative log-likelihood of the gold label's tokens over the whole vocabulary (the paper's objective).
+    "rank": cross-entropy over the labels' summed log-probs, i.e. exactly what rank classification decides on.
+    """
+    if objective == "lm":
+        batch = encoder.training_batch(items)
+        return -backbone.target_logprobs(batch, prompt.unsqueeze(0), path=path).sum() / len(items)
+    if objective != "rank":
+        raise SoftPromptError(f"unknown objective {objective!r}; choose rank or lm")
+    batch, groups = encoder.scoring_batch(items)
     logprobs = backbone.target_logprobs(batch, prompt.unsqueeze(0), path=path)
-    return -logprobs.sum() / len(items)
+    scores = sum_label_tokens(logprobs, groups, len(items), len(encoder.label_ids))
+    gold = torch.tensor([item.label for item in items], device=scores.device)
+    return torch.nn.functional.cross_entropy(scores, gold)
 
 
 def validation_metric(backbone: Backbone, encoder: Encoder, items: list[Encoded], prompt: torch.Tensor,
@@ -142,6 +166,7 @@ def train(
         raise SoftPromptError(f"--resume: no checkpoint at {checkpoint_path}")
     elif log_path.exists():
         log_path.unlink()  # a fresh run starts a fresh log
+    scheduler = make_schedule(config, optimizer, start_step=state["step"])
 
     if state["step"] == 0 and state["best_metric"] < 0:
         state["best_metric"] = validation_metric(backbone, encoder, valid_items, prompt, task)
@@ -156,10 +181,12 @@ def train(
         bar = progress.add_task(_status(state, None), total=config.steps, completed=state["step"])
         while state["step"] < config.steps:
             indices = batch_for_step(train_items, config, state["step"])
-            loss = prompt_loss(backbone, encoder, [train_items[i] for i in indices], prompt, config.path)
+            loss = prompt_loss(backbone, encoder, [train_items[i] for i in indices], prompt, config.path,
+                               config.objective)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scheduler.step()
             state["step"] += 1
             running_loss += loss.item()
             running_count += 1

@@ -1,0 +1,108 @@
+import pytest
+import torch
+
+from softprompt.backbone import TokenBatch
+from softprompt.data import Encoder, Example
+from softprompt.tasks import TaskSpec
+
+TASK = TaskSpec(name="sentiment", template="Review: {text}\nSentiment:", labels=["negative", "positive"])
+TEXTS = ["a great movie", "dull, boring and far too long for what it is", "wit", "the lazy dog sleeps"]
+
+
+def training_batch(backbone, texts=TEXTS):
+    encoder = Encoder(backbone, TASK)
+    examples = [Example({"text": t}, i % 2, None, f"row {i}") for i, t in enumerate(texts)]
+    return encoder.training_batch(encoder.encode_all(examples))
+
+
+def test_every_base_weight_is_frozen(tiny_backbone):
+    assert all(not p.requires_grad for p in tiny_backbone.model.parameters())
+
+
+def test_batch_is_padded(tiny_backbone):
+    batch = training_batch(tiny_backbone)
+    lengths = batch.attention_mask.sum(1)
+    assert lengths.min() < lengths.max()  # the fast path must handle right padding
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_cached_path_equals_concat_reference(tiny_backbone, mixed):
+    """Loss and prompt gradient of the cached-KV path match the plain concatenation path (atol 1e-5)."""
+    batch = training_batch(tiny_backbone)
+    prompts = (torch.randn(3 if mixed else 1, 5, tiny_backbone.d_model) * 0.5).requires_grad_(True)
+    index = torch.tensor([0, 2, 1, 2]) if mixed else None
+    results = []
+    for path in ["cached", "concat"]:
+        logprobs = tiny_backbone.target_logprobs(batch, prompts, index, path=path)
+        (grad,) = torch.autograd.grad(-logprobs.sum(), prompts)
+        results.append((logprobs.detach(), grad))
+    (cached, cached_grad), (concat, concat_grad) = results
+    torch.testing.assert_close(cached, concat, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cached_grad, concat_grad, atol=1e-5, rtol=1e-4)
+    assert cached_grad.abs().sum() > 0
+    if mixed:
+        assert cached_grad[1].abs().sum() > 0 and cached_grad[2].abs().sum() > 0
+
+
+def test_target_logprobs_equal_full_logit_scoring(tiny_backbone):
+    """Logits at the target positions only == the model's own full [B, T, V] logits at those positions."""
+    batch = training_batch(tiny_backbone)
+    bos = tiny_backbone.bos_ids
+    ids = torch.cat([torch.tensor(bos, dtype=torch.long).expand(len(TEXTS), len(bos)), batch.input_ids], 1)
+    mask = torch.cat([torch.ones(len(TEXTS), len(bos), dtype=torch.long), batch.attention_mask], 1)
+    with torch.no_grad():
+        full = tiny_backbone.model(input_ids=ids, attention_mask=mask).logits.log_softmax(-1)
+        ours = tiny_backbone.target_logprobs(batch)
+    expected = full[batch.target_rows, batch.target_positions + len(bos), batch.target_ids]
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_reaches_only_the_prompt(llama_backbone):
+    batch = training_batch(llama_backbone)
+    prompt = torch.nn.Parameter(torch.randn(1, 4, llama_backbone.d_model))
+    loss = -llama_backbone.target_logprobs(batch, prompt).sum()
+    loss.backward()
+    assert prompt.grad is not None and prompt.grad.abs().sum() > 0
+    assert all(p.grad is None for p in llama_backbone.model.parameters())
+
+
+def test_gemma_bos_goes_before_the_prompt():
+    from conftest import make_backbone
+
+    backbone = make_backbone("gemma3")
+    assert backbone.bos_ids == [2]
+    prefix = backbone.prefix_embeddings(torch.zeros(1, 3, backbone.d_model))
+    assert prefix.shape[1] == 4
+    # Gemma scales embeddings inside the module: the BOS row is the scaled one, not the raw weight.
+    raw = backbone.model.get_input_embeddings().weight[2]
+    assert not torch.allclose(prefix[0, 0], raw)
+    torch.testing.assert_close(prefix[0, 0], backbone.embed(torch.tensor([2]))[0])
+
+
+def test_unknown_path_is_an_error(llama_backbone):
+    from softprompt.errors import SoftPromptError
+
+    batch = TokenBatch(torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long),
+                       torch.tensor([0]), torch.tensor([1]), torch.tensor([3]))
+    with pytest.raises(SoftPromptError, match="unknown forward path 'fast'"):
+        llama_backbone.target_logprobs(batch, path="fast")
+
+
+def test_fingerprint_identifies_the_embedding_matrix():
+    from conftest import make_backbone
+
+    assert make_backbone("llama", seed=0).fingerprint == make_backbone("llama", seed=0).fingerprint
+    assert make_backbone("llama", seed=0).fingerprint != make_backbone("llama", seed=1).fingerprint
+
+
+def test_greedy_generation_matches_full_forward(llama_backbone):
+    ids = llama_backbone.tokenize("Question: what is two plus two?\nAnswer:")
+    prompt = torch.randn(3, llama_backbone.d_model)
+    generated = llama_backbone.generate(ids, prompt, max_new_tokens=5, stop_ids=set())
+    sequence = list(ids)
+    with torch.no_grad():
+        for _ in range(5):
+            embeds = torch.cat([prompt.unsqueeze(0), llama_backbone.embed(torch.tensor([sequence]))], 1)
+            logits = llama_backbone.model(inputs_embeds=embeds).logits
+            sequence.append(int(logits[0, -1].argmax()))
+    assert generated == sequence[len(ids):]

@@ -1,0 +1,117 @@
+"""The CLI end to end on a tiny model saved to a local directory (fast), plus its error messages."""
+
+import json
+
+import pytest
+
+from softprompt import cli
+from softprompt.prompt import SoftPrompt
+
+
+def run(args, capsys):
+    """Run `softprompt ARGS`; returns (exit code, stdout, stderr)."""
+    import sys
+
+    saved = sys.argv
+    sys.argv = ["softprompt", *map(str, args)]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    finally:
+        sys.argv = saved
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from conftest import make_backbone
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    backbone = make_backbone("llama")
+    backbone.model.save_pretrained(directory)
+    backbone.tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def data_files(tmp_path):
+    words = {"great": "positive", "wit": "positive", "dull": "negative", "boring": "negative"}
+    lines = [json.dumps({"review": f"a {w} movie {i}", "label": label})
+             for i in range(6) for w, label in words.items()]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines[:16]) + "\n")
+    (tmp_path / "valid.jsonl").write_text("\n".join(lines[16:20]) + "\n")
+    (tmp_path / "test.csv").write_text("review,label\n" + "\n".join(
+        f"{json.loads(line)['review']},{json.loads(line)['label']}" for line in lines[20:]) + "\n")
+    return tmp_path
+
+
+def test_train_eval_predict_round_trip(tiny_model_dir, data_files, capsys):
+    out = data_files / "prompt.safetensors"
+    code, stdout, stderr = run(
+        ["train", "--model", tiny_model_dir, "--data", data_files / "train.jsonl", "--valid",
+         data_files / "valid.jsonl", "--test", data_files / "test.csv", "--template", r"Review: {review}\nSentiment:",
+         "--labels", "negative,positive", "--prompt-length", 4, "--steps", 4, "--eval-every", 2, "--batch-size", 4,
+         "--out", out], capsys)
+    assert code == 0, stderr
+    assert "hand-written prompt" in stdout and "trained prompt on test" in stdout and str(out) in stdout
+    prompt = SoftPrompt.load(out)
+    assert prompt.task.template == "Review: {review}\nSentiment:" and prompt.length == 4
+    assert 0 <= prompt.training["test_accuracy"] <= 1 and prompt.training["steps_run"] == 4
+    assert (data_files / "prompt.safetensors.log.jsonl").exists()
+
+    # --model defaults to the prompt's base model; here that is the tiny directory it was trained on.
+    code, stdout, _ = run(["eval", "--data", data_files / "test.csv", "--prompt", out, "--json"], capsys)
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["accuracy"] == prompt.training["test_accuracy"] and "macro_f1" in report
+    assert sum(map(sum, report["confusion"])) == report["n"] == 4
+
+    code, stdout, _ = run(["predict", "--prompt", out, "--json", "a great movie", "so boring"], capsys)
+    assert code == 0
+    answers = [json.loads(line) for line in stdout.splitlines()]
+    assert [a["input"]["review"] for a in answers] == ["a great movie", "so boring"]
+    assert all(a["label"] in {"negative", "positive"} and set(a["scores"]) == {"negative", "positive"}
+               for a in answers)
+
+
+def test_eval_without_prompt_scores_the_template(tiny_model_dir, data_files, capsys):
+    code, stdout, _ = run(["eval", "--model", tiny_model_dir, "--data", data_files / "test.csv",
+                           "--text-field", "review", "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["n"] == 4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "--model", "gpt-17", "--data", "rotten-tomatoes"], "unknown model 'gpt-17'"),
+        (["eval", "--model", "{model}", "--data", "sst9"], "unknown dataset 'sst9'; built-in: rotten-tomatoes"),
+        (["predict", "--prompt", "missing.safetensors", "x"], "prompt file missing.safetensors does not exist"),
+        (["train", "--model", "{model}", "--data", "{bad}", "--out", "p.safetensors"], "bad.jsonl:2: invalid JSON"),
+        (["train", "--model", "{model}", "--data", "{data}", "--init", "zeros", "--out", "p.safetensors"],
+         "unknown init 'zeros'"),
+    ],
+)
+def test_errors_are_one_clear_line(args, message, tiny_model_dir, data_files, capsys, monkeypatch):
+    monkeypatch.chdir(data_files)
+    (data_files / "bad.jsonl").write_text('{"text": "a", "label": "x"}\n{oops\n')
+    filled = [str(a).format(model=tiny_model_dir, bad=data_files / "bad.jsonl", data=data_files / "train.jsonl")
+              for a in args]
+    if "--data" in filled and filled[filled.index("--data") + 1].endswith("train.jsonl"):
+        filled += ["--text-field", "review"]
+    code, _, stderr = run(filled, capsys)
+    assert code == 2
+    assert message in stderr and "Traceback" not in stderr
+
+
+def test_models_and_tasks_listings(capsys, monkeypatch, tmp_path):
+    from rich.console import Console
+
+    monkeypatch.setattr(cli, "console", Console(width=300))  # tables wrap at 80 columns otherwise
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path))
+    code, stdout, _ = run(["models"], capsys)
+    assert code == 0 and "smollm2-135m" in stdout and "qwen2.5-coder-1.5b" in stdout
+    code, stdout, _ = run(["tasks"], capsys)
+    assert code == 0 and "rotten-tomatoes" in stdout and "10752" in stdout and "7528" in stdout

@@ -1,0 +1,126 @@
+import json
+
+import pytest
+
+from softprompt.data import Encoder, Example, load_dataset, read_rows, to_examples
+from softprompt.errors import SoftPromptError
+from softprompt.tasks import TaskSpec
+
+TASK = TaskSpec(template="Review: {text}\nSentiment:", labels=["negative", "positive"])
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_jsonl_malformed_line_names_file_and_line(tmp_path):
+    path = write(tmp_path / "train.jsonl", '{"text": "ok", "label": "positive"}\n{"text": "broken", \n')
+    with pytest.raises(SoftPromptError, match=r"train\.jsonl:2: invalid JSON"):
+        read_rows(path)
+
+
+def test_jsonl_line_must_be_an_object(tmp_path):
+    path = write(tmp_path / "train.jsonl", '["a", "b"]\n')
+    with pytest.raises(SoftPromptError, match=r"train\.jsonl:1: expected a JSON object, found list"):
+        read_rows(path)
+
+
+def test_csv_wrong_field_count_names_line(tmp_path):
+    path = write(tmp_path / "train.csv", "text,label\ngood,positive\nbad,negative,extra\n")
+    with pytest.raises(SoftPromptError, match=r"train\.csv:3: expected 2 fields \(text, label\), found 3"):
+        read_rows(path)
+
+
+def test_empty_file_is_an_error(tmp_path):
+    for name, text in [("empty.jsonl", "\n\n"), ("empty.csv", "text,label\n")]:
+        with pytest.raises(SoftPromptError, match="has no examples"):
+            read_rows(write(tmp_path / name, text))
+
+
+def test_unknown_file_type_and_missing_file(tmp_path):
+    with pytest.raises(SoftPromptError, match="unsupported data file type '.txt'"):
+        read_rows(write(tmp_path / "data.txt", "x"))
+    with pytest.raises(SoftPromptError, match="does not exist"):
+        read_rows(tmp_path / "missing.jsonl")
+
+
+def test_label_not_in_labels_lists_allowed(tmp_path):
+    path = write(tmp_path / "t.jsonl", '{"text": "fine", "label": "neutral"}\n')
+    with pytest.raises(SoftPromptError, match=r"t\.jsonl:1: label 'neutral' is not one of the labels "
+                                              r"\(negative, positive\)"):
+        to_examples(read_rows(path), TASK)
+
+
+def test_label_may_be_an_index(tmp_path):
+    path = write(tmp_path / "t.csv", "text,label\ngood,1\nbad,0\n")
+    assert [e.label for e in to_examples(read_rows(path), TASK)] == [1, 0]
+    path = write(tmp_path / "u.jsonl", '{"text": "x", "label": 5}\n')
+    with pytest.raises(SoftPromptError, match="index 0..1"):
+        to_examples(read_rows(path), TASK)
+
+
+def test_template_placeholder_missing_from_row(tmp_path):
+    task = TaskSpec(template="{premise} ? {hypothesis}", labels=["no", "yes"])
+    path = write(tmp_path / "nli.jsonl", '{"premise": "a", "label": "yes"}\n')
+    with pytest.raises(SoftPromptError, match=r"nli\.jsonl:1: template field 'hypothesis' is not in the row"):
+        to_examples(read_rows(path), task)
+
+
+def test_two_input_template(tmp_path, llama_backbone):
+    task = TaskSpec(template="{premise}\nQuestion: {hypothesis}?", labels=["no", "yes"])
+    path = write(tmp_path / "nli.jsonl", json.dumps({"premise": "a dog", "hypothesis": "a cat", "label": 0}) + "\n")
+    (example,) = to_examples(read_rows(path), task)
+    item = Encoder(llama_backbone, task).encode(example)
+    assert llama_backbone.tokenizer.decode(item.input_ids) == "a dog\nQuestion: a cat?"
+
+
+def test_truncation_keeps_template_tail_and_counts(llama_backbone):
+    encoder = Encoder(llama_backbone, TASK, max_input_tokens=12)
+    long = Example({"text": "the quick brown fox jumps over the lazy dog " * 5}, 1, None, "row")
+    short = Example({"text": "wit"}, 0, None, "row")
+    long_item, short_item = encoder.encode_all([long, short])
+    assert long_item.truncated and not short_item.truncated
+    assert len(long_item.input_ids) == 12
+    assert llama_backbone.tokenizer.decode(long_item.input_ids).endswith("\nSentiment:")
+    assert long_item.input_ids[-len(encoder.tail_ids):] == encoder.tail_ids
+
+
+def test_multi_token_labels_get_one_row_per_label(llama_backbone):
+    task = TaskSpec(template="{text} =", labels=["comp.graphics", "lazy dog"])
+    encoder = Encoder(llama_backbone, task)
+    items = encoder.encode_all([Example({"text": "a"}, 0, None, "r"), Example({"text": "b c"}, 1, None, "r")])
+    batch, groups = encoder.scoring_batch(items)
+    assert batch.input_ids.shape[0] == 4
+    assert sorted(set(groups.tolist())) == [0, 1, 2, 3]
+    assert len(groups) == sum(len(ids) for ids in encoder.label_ids) * 2
+
+
+def test_builtin_rotten_tomatoes_split_is_fixed_and_disjoint():
+    first, second = load_dataset("rotten-tomatoes"), load_dataset("rotten-tomatoes")
+    assert (len(first.train), len(first.validation), len(first.test)) == (10752, 1000, 1000)
+    assert [e.fields for e in first.test[:5]] == [e.fields for e in second.test[:5]]
+    texts = [{e.fields["text"] for e in split} for split in (first.train, first.validation, first.test)]
+    assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
+    assert first.task.labels == ["negative", "positive"]
+    positives = sum(e.label for e in first.test)
+    assert 500 < positives < 650  # 58% of the corpus is "fresh"
+
+
+def test_builtin_20newsgroups_uses_official_split():
+    dataset = load_dataset("20newsgroups")
+    assert len(dataset.task.labels) == 20
+    assert len(dataset.test) == 7528 and len(dataset.train) + len(dataset.validation) == 11293
+
+
+def test_unknown_dataset_lists_builtins():
+    with pytest.raises(SoftPromptError, match="unknown dataset 'sst9'; built-in: rotten-tomatoes, 20newsgroups"):
+        load_dataset("sst9")
+
+
+def test_file_dataset_holds_out_validation_and_infers_labels(tmp_path):
+    rows = [{"sentence": f"text {i}", "label": ["bad", "good"][i % 2]} for i in range(40)]
+    path = write(tmp_path / "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    dataset = load_dataset(str(path), text_field="sentence")
+    assert dataset.task.labels == ["bad", "good"] and dataset.task.template == "{sentence}"
+    assert (len(dataset.train), len(dataset.validation)) == (36, 4)

@@ -1,0 +1,119 @@
+import importlib
+import json
+
+import pytest
+import torch
+
+from softprompt.data import Example
+from softprompt.errors import SoftPromptError
+from softprompt.prompt import SoftPrompt
+from softprompt.tasks import TaskSpec
+from softprompt.train import TrainConfig, batch_order, train
+
+TASK = TaskSpec(name="toy", template="Review: {text}\nSentiment:", labels=["negative", "positive"])
+WORDS = ["great", "dull", "wit", "boring", "life", "long", "lazy", "quick"]
+
+
+def examples(count, offset=0):
+    # Label depends on the words, so the task is learnable by a prompt.
+    rows = []
+    for i in range(offset, offset + count):
+        word = WORDS[i % len(WORDS)]
+        rows.append(Example({"text": f"a {word} movie {i % 3}"}, int(word in {"great", "wit", "life", "quick"}),
+                            None, f"row {i}"))
+    return rows
+
+
+def config(**overrides):
+    base = dict(prompt_length=4, batch_size=4, steps=8, eval_every=4, patience=0, valid_limit=None, lr=0.3, seed=1)
+    return TrainConfig(**{**base, **overrides})
+
+
+@pytest.mark.parametrize("objective", ["rank", "lm"])
+def test_training_lowers_loss_and_saves_best_prompt(tmp_path, llama_backbone, objective):
+    out = tmp_path / "p.safetensors"
+    # One batch holding the whole training set: every step sees the same data, so the loss must fall.
+    result = train(llama_backbone, TASK, examples(8), examples(8, 100), out,
+                   config(steps=12, batch_size=8, objective=objective, optimizer="adamw", lr=0.05),
+                   show_progress=False)
+    log = [json.loads(line) for line in (tmp_path / "p.safetensors.log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [0, 4, 8, 12]
+    assert log[-1]["loss"] < log[1]["loss"]
+    saved = SoftPrompt.load(out)
+    assert saved.embeddings.shape == (4, llama_backbone.d_model)
+    assert saved.training["best_valid_accuracy"] == result.best_metric == max(e["valid_accuracy"] for e in log)
+    assert not (tmp_path / "p.safetensors.ckpt.safetensors").exists()  # finished runs leave no checkpoint
+
+
+def test_only_the_prompt_changes(tmp_path, llama_backbone):
+    before = {name: p.clone() for name, p in llama_backbone.model.named_parameters()}
+    train(llama_backbone, TASK, examples(16), examples(4, 50), tmp_path / "p.safetensors", config(steps=2),
+          show_progress=False)
+    for name, parameter in llama_backbone.model.named_parameters():
+        assert torch.equal(parameter, before[name]), name
+
+
+def test_seeded_training_is_deterministic(tmp_path, llama_backbone):
+    runs = [train(llama_backbone, TASK, examples(16), examples(4, 50), tmp_path / f"{i}.safetensors", config(),
+                  show_progress=False).prompt.embeddings for i in range(2)]
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("optimizer", ["adafactor", "adamw"])
+def test_resume_continues_an_interrupted_run_exactly(tmp_path, llama_backbone, monkeypatch, optimizer):
+    """A run killed after step 6 and resumed ends with the same prompt as an uninterrupted run."""
+    cfg = config(steps=10, eval_every=2, optimizer=optimizer, lr=None)
+    full = train(llama_backbone, TASK, examples(24), examples(4, 50), tmp_path / "full.safetensors", cfg,
+                 show_progress=False)
+
+    train_module = importlib.import_module("softprompt.train")  # the package re-exports a function named train
+
+    real_loss, calls = train_module.prompt_loss, {"n": 0}
+
+    def dying_loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "prompt_loss", dying_loss)
+    out = tmp_path / "resumed.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        train(llama_backbone, TASK, examples(24), examples(4, 50), out, cfg, show_progress=False)
+    assert (tmp_path / "resumed.safetensors.ckpt.safetensors").exists() and not out.exists()
+    monkeypatch.setattr(train_module, "prompt_loss", real_loss)
+    resumed = train(llama_backbone, TASK, examples(24), examples(4, 50), out, cfg, resume=True, show_progress=False)
+    assert resumed.steps_run == 10
+    torch.testing.assert_close(resumed.prompt.embeddings, full.prompt.embeddings, rtol=0, atol=1e-6)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed.safetensors.log.jsonl").read_text().splitlines()]
+    assert steps == [0, 2, 4, 6, 8, 10]
+
+
+def test_early_stopping(tmp_path, llama_backbone):
+    result = train(llama_backbone, TASK, examples(16), examples(4, 50), tmp_path / "p.safetensors",
+                   config(steps=40, eval_every=1, patience=2, lr=1e-9, optimizer="adamw"), show_progress=False)
+    assert result.stopped_early and result.steps_run == 2
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path, llama_backbone):
+    with pytest.raises(SoftPromptError, match="no checkpoint"):
+        train(llama_backbone, TASK, examples(8), examples(4), tmp_path / "p.safetensors", config(), resume=True,
+              show_progress=False)
+
+
+def test_batches_group_similar_lengths_and_cover_the_data(llama_backbone):
+    from softprompt.data import Encoder
+
+    items = Encoder(llama_backbone, TASK).encode_all(examples(64))
+    batches = batch_order(items, 8, seed=0, epoch=0)
+    assert sorted(i for batch in batches for i in batch) == list(range(64))
+    assert batch_order(items, 8, seed=0, epoch=0) == batches != batch_order(items, 8, seed=0, epoch=1)
+
+
+def test_bad_optimizer_and_objective(tmp_path, llama_backbone):
+    with pytest.raises(SoftPromptError, match="unknown optimizer 'sgd'"):
+        train(llama_backbone, TASK, examples(8), examples(4), tmp_path / "p.safetensors", config(optimizer="sgd"),
+              show_progress=False)
+    with pytest.raises(SoftPromptError, match="unknown objective 'mse'"):
+        train(llama_backbone, TASK, examples(8), examples(4), tmp_path / "q.safetensors", config(objective="mse"),
+              show_progress=False)
