@@ -1,0 +1,236 @@
+"""One prompt-tuning training step, softprompt vs PEFT, on the same frozen model, batch and prompt length.
+
+    python bench/train_step.py --config cpu-smollm2-k20          # one configuration
+    python bench/train_step.py --config all-cpu                  # cpu-smollm2-k20 and cpu-smollm2-k100
+
+Timing: both methods in one process, alternating step by step after warm-up; median ms/step.
+Memory: CUDA: torch.cuda.max_memory_allocated over each method's steps (reset before each). CPU: each method in a
+fresh subprocess, a thread sampling RSS every 2 ms; peak RSS during the steps minus RSS just before them (the
+activation + gradient memory the step adds on top of the loaded model).
+Both compute the same loss: negative log-likelihood of the label token after prompt + input. PEFT runs the model
+with `labels` (full [B, T, V] logits); softprompt computes the prompt's keys/values once per batch and the LM head
+only at the label position. Ends with one JSON line per configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+CONFIGS = {
+    "cpu-smollm2-k20": dict(device="cpu", model="smollm2-135m", batch=8, prompt_length=20),
+    "cpu-smollm2-k100": dict(device="cpu", model="smollm2-135m", batch=8, prompt_length=100),
+    "cuda-1b-k20": dict(device="cuda", model="llama-1b", batch=32, seq=128, prompt_length=20),
+    "cuda-1b-k100": dict(device="cuda", model="llama-1b", batch=32, seq=128, prompt_length=100),
+    "cuda-3b-k100": dict(device="cuda", model="llama-3b", batch=16, seq=256, prompt_length=100),
+}
+GROUPS = {"all-cpu": ["cpu-smollm2-k20", "cpu-smollm2-k100"],
+          "all-cuda": ["cuda-1b-k20", "cuda-1b-k100", "cuda-3b-k100"]}
+# Llama-3.2-shaped random-weight models: speed does not depend on weight values.
+LLAMA_SHAPES = {
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256),
+    "llama-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                     num_key_value_heads=8, vocab_size=128256),
+}
+
+
+@dataclass
+class Setup:
+    backbone: object  # softprompt Backbone
+    peft_model: object
+    ours_step: object
+    peft_step: object
+    tokens_per_step: int
+
+
+def build(name: str) -> Setup:
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+    from softprompt.backbone import Backbone, TokenBatch, load_model
+
+    spec = CONFIGS[name]
+    device = torch.device(spec["device"])
+    if spec["model"] in LLAMA_SHAPES:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+
+        torch.manual_seed(0)
+        config = LlamaConfig(**LLAMA_SHAPES[spec["model"]], max_position_embeddings=4096, tie_word_embeddings=True)
+        with torch.device(device):
+            model = LlamaForCausalLM(config).to(torch.bfloat16)
+        tokenizer = _stub_tokenizer_for(config.vocab_size)
+        backbone = Backbone(model, tokenizer, spec["model"], precision="fp32")  # weights already bf16
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(10, config.vocab_size, (spec["batch"], spec["seq"]), generator=generator)
+        lengths = torch.full((spec["batch"],), spec["seq"])
+        targets = torch.randint(10, config.vocab_size, (spec["batch"],), generator=generator)
+    else:
+        from softprompt.data import Encoder, load_dataset
+
+        backbone = load_model(spec["model"], precision="auto")
+        dataset = load_dataset("rotten-tomatoes")
+        encoder = Encoder(backbone, dataset.task)
+        items = encoder.encode_all(dataset.train[: spec["batch"]])
+        width = max(len(item.input_ids) for item in items)
+        ids = torch.tensor([item.input_ids + [backbone.pad_id] * (width - len(item.input_ids)) for item in items])
+        lengths = torch.tensor([len(item.input_ids) for item in items])
+        targets = torch.tensor([item.target_ids[0] for item in items])
+    model = backbone.model
+    rows = torch.arange(len(lengths))
+    mask = (torch.arange(ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    batch = TokenBatch(ids, mask, rows, lengths - 1, targets)
+
+    # PEFT's sequence: input + label token, loss only on the label token (labels -100 elsewhere).
+    peft_ids = torch.cat([ids, torch.full((len(ids), 1), backbone.pad_id)], 1)
+    peft_ids[rows, lengths] = targets
+    peft_mask = (torch.arange(peft_ids.shape[1]).unsqueeze(0) <= lengths.unsqueeze(1)).long()
+    labels = torch.full_like(peft_ids, -100)
+    labels[rows, lengths] = targets
+    peft_ids, peft_mask, labels = peft_ids.to(device), peft_mask.to(device), labels.to(device)
+
+    length = spec["prompt_length"]
+    prompt = torch.nn.Parameter(torch.randn(length, backbone.d_model, device=device) * 0.1)
+    ours_optimizer = torch.optim.AdamW([prompt], lr=1e-3)
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=length,
+                                                          prompt_tuning_init=PromptTuningInit.RANDOM))
+    peft_optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
+
+    def ours_step() -> float:
+        loss = -backbone.target_logprobs(batch, prompt.unsqueeze(0)).mean()
+        ours_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        ours_optimizer.step()
+        return loss.item()
+
+    def peft_step() -> float:
+        with backbone.autocast():  # same precision as ours
+            loss = peft_model(input_ids=peft_ids, attention_mask=peft_mask, labels=labels).loss
+        peft_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        peft_optimizer.step()
+        return loss.item()
+
+    return Setup(backbone, peft_model, ours_step, peft_step, int(lengths.sum()))
+
+
+def _stub_tokenizer_for(vocab_size: int):
+    """Random-token benchmarks need pad/bos facts only; a tiny fast tokenizer with no BOS provides them."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, "a": 2, "<unk>": 3}, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(name: str, steps: int, warmup: int) -> dict:
+    setup = build(name)
+    device = CONFIGS[name]["device"]
+    timings = {"ours": [], "peft": []}
+    for index in range(warmup + steps):
+        for method in ("peft", "ours"):  # alternate so drift affects both alike
+            sync(device)
+            start = time.perf_counter()
+            (setup.ours_step if method == "ours" else setup.peft_step)()
+            sync(device)
+            if index >= warmup:
+                timings[method].append((time.perf_counter() - start) * 1000)
+    result = {method: statistics.median(values) for method, values in timings.items()}
+    result["tokens_per_step"] = setup.tokens_per_step
+    return result
+
+
+def peak_memory_mib(name: str, method: str, steps: int) -> float:
+    """Extra memory a method's steps need on top of the loaded model (see module docstring)."""
+    setup = build(name)
+    step = setup.ours_step if method == "ours" else setup.peft_step
+    if CONFIGS[name]["device"] == "cuda":
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    import psutil
+
+    process = psutil.Process()
+    baseline = process.memory_info().rss
+    peak = [baseline]
+    running = [True]
+
+    def sample() -> None:
+        while running[0]:
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    for _ in range(steps):
+        step()
+    running[0] = False
+    thread.join()
+    return (peak[0] - baseline) / 2**20
+
+
+def run_config(name: str, steps: int, warmup: int) -> dict:
+    timing = time_steps(name, steps, warmup)
+    if CONFIGS[name]["device"] == "cuda":
+        torch.cuda.empty_cache()
+    memory = {}
+    for method in ("peft", "ours"):
+        command = [sys.executable, __file__, "--config", name, "--memory-of", method, "--steps", "3"]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        memory[method] = json.loads(output.strip().splitlines()[-1])["peak_mib"]
+    tokens = timing["tokens_per_step"]
+    return {
+        "config": name,
+        "peft_ms": round(timing["peft"], 1),
+        "ours_ms": round(timing["ours"], 1),
+        "speedup": round(timing["peft"] / timing["ours"], 2),
+        "peft_tokens_per_s": round(tokens / timing["peft"] * 1000),
+        "ours_tokens_per_s": round(tokens / timing["ours"] * 1000),
+        "peft_peak_mib": round(memory["peft"]),
+        "ours_peak_mib": round(memory["ours"]),
+        "memory_ratio": round(memory["ours"] / memory["peft"], 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, choices=[*CONFIGS, *GROUPS])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--memory-of", choices=["ours", "peft"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_of:
+        print(json.dumps({"peak_mib": peak_memory_mib(args.config, args.memory_of, args.steps)}))
+        return
+    names = GROUPS.get(args.config, [args.config])
+    results = []
+    for name in names:
+        print(f"== {name}: {CONFIGS[name]}", file=sys.stderr)
+        results.append(run_config(name, args.steps, args.warmup))
+        r = results[-1]
+        print(f"{name}: PEFT {r['peft_ms']} ms/step, ours {r['ours_ms']} ms/step -> {r['speedup']}x faster; "
+              f"peak {r['peft_peak_mib']} vs {r['ours_peak_mib']} MiB -> {r['memory_ratio']}x memory",
+              file=sys.stderr)
+    for r in results:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
