@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The device-machine run behind docs/benchmarks.md's CUDA rows (random-weight Llama shapes; no weights travel).
+# Carry .whl (transformers 5.23.0 and peft 0.21.2 wheels, as pinned here); results land in $OUT.
+set -o pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)" | tee -a "$OUT/gpu.txt"
+python3 bench/train_step.py --config "${1:-all-cuda}" --steps "${2:-10}" 2>&1 | tee "$OUT/bench_cuda.log"
