@@ -6,4 +6,5 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)" | tee -a "$OUT/gpu.txt"
-python3 bench/train_step.py --config "${1:-all-cuda}" --steps "${2:-10}" 2>&1 | tee "$OUT/bench_cuda.log"
+python3 bench/train_step.py --config all-cuda --steps 20 --warmup 5 2>&1 | tee "$OUT/bench_cuda.log"
+timeout 200 python3 bench/train_step.py --config cuda-1b-k100 --steps 20 --warmup 5 --compile 2>&1 | tee "$OUT/bench_cuda_compile.log"

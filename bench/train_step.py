@@ -52,7 +52,7 @@ class Setup:
     tokens_per_step: int
 
 
-def build(name: str) -> Setup:
+def build(name: str, compile_layers: bool = False) -> Setup:
     from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
     from softprompt.backbone import Backbone, TokenBatch, load_model
@@ -85,6 +85,9 @@ def build(name: str) -> Setup:
         lengths = torch.tensor([len(item.input_ids) for item in items])
         targets = torch.tensor([item.target_ids[0] for item in items])
     model = backbone.model
+    if compile_layers:  # in place: PEFT runs the same compiled layers, so the comparison stays like for like
+        for layer in backbone.body.layers:
+            layer.compile(dynamic=True)
     rows = torch.arange(len(lengths))
     mask = (torch.arange(ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).long()
     batch = TokenBatch(ids, mask, rows, lengths - 1, targets)
@@ -136,8 +139,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(name: str, steps: int, warmup: int) -> dict:
-    setup = build(name)
+def time_steps(name: str, steps: int, warmup: int, compile_layers: bool = False) -> dict:
+    setup = build(name, compile_layers)
     device = CONFIGS[name]["device"]
     timings = {"ours": [], "peft": []}
     for index in range(warmup + steps):
@@ -153,9 +156,9 @@ def time_steps(name: str, steps: int, warmup: int) -> dict:
     return result
 
 
-def peak_memory_mib(name: str, method: str, steps: int) -> float:
+def peak_memory_mib(name: str, method: str, steps: int, compile_layers: bool = False) -> float:
     """Extra memory a method's steps need on top of the loaded model (see module docstring)."""
-    setup = build(name)
+    setup = build(name, compile_layers)
     step = setup.ours_step if method == "ours" else setup.peft_step
     if CONFIGS[name]["device"] == "cuda":
         step()
@@ -186,18 +189,19 @@ def peak_memory_mib(name: str, method: str, steps: int) -> float:
     return (peak[0] - baseline) / 2**20
 
 
-def run_config(name: str, steps: int, warmup: int) -> dict:
-    timing = time_steps(name, steps, warmup)
+def run_config(name: str, steps: int, warmup: int, compile_layers: bool = False) -> dict:
+    timing = time_steps(name, steps, warmup, compile_layers)
     if CONFIGS[name]["device"] == "cuda":
         torch.cuda.empty_cache()
     memory = {}
     for method in ("peft", "ours"):
-        command = [sys.executable, __file__, "--config", name, "--memory-of", method, "--steps", "3"]
+        command = [sys.executable, __file__, "--config", name, "--memory-of", method, "--steps", "3",
+                   *(["--compile"] if compile_layers else [])]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         memory[method] = json.loads(output.strip().splitlines()[-1])["peak_mib"]
     tokens = timing["tokens_per_step"]
     return {
-        "config": name,
+        "config": name + ("+compile" if compile_layers else ""),
         "peft_ms": round(timing["peft"], 1),
         "ours_ms": round(timing["ours"], 1),
         "speedup": round(timing["peft"] / timing["ours"], 2),
@@ -214,16 +218,17 @@ def main() -> None:
     parser.add_argument("--config", required=True, choices=[*CONFIGS, *GROUPS])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (both methods)")
     parser.add_argument("--memory-of", choices=["ours", "peft"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_of:
-        print(json.dumps({"peak_mib": peak_memory_mib(args.config, args.memory_of, args.steps)}))
+        print(json.dumps({"peak_mib": peak_memory_mib(args.config, args.memory_of, args.steps, args.compile)}))
         return
     names = GROUPS.get(args.config, [args.config])
     results = []
     for name in names:
         print(f"== {name}: {CONFIGS[name]}", file=sys.stderr)
-        results.append(run_config(name, args.steps, args.warmup))
+        results.append(run_config(name, args.steps, args.warmup, args.compile))
         r = results[-1]
         print(f"{name}: PEFT {r['peft_ms']} ms/step, ours {r['ours_ms']} ms/step -> {r['speedup']}x faster; "
               f"peak {r['peft_peak_mib']} vs {r['ours_peak_mib']} MiB -> {r['memory_ratio']}x memory",

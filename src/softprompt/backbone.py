@@ -136,7 +136,8 @@ class Backbone:
             cache = None
             if prefix_length:
                 cache = DynamicCache(
-                    ddp_cache_data=[(k[prompt_index], v[prompt_index]) for k, v in key_values],
+                    ddp_cache_data=[(gather_rows(k, prompt_index), gather_rows(v, prompt_index))
+                                    for k, v in key_values],
                     config=self.model.config,
                 )
             positions = prefix_length + torch.arange(length, device=self.device).unsqueeze(0).expand(rows, -1)
@@ -191,6 +192,14 @@ class Backbone:
             generated.append(token)
             step_ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
         return generated
+
+
+def gather_rows(tensor: Tensor, index: Tensor) -> Tensor:
+    """tensor[index] along dim 0; a single prompt is broadcast with expand, whose backward is a cheap sum
+    (advanced indexing backward is an accumulating scatter, slow on GPUs)."""
+    if tensor.shape[0] == 1:
+        return tensor.expand(index.shape[0], *tensor.shape[1:])
+    return tensor.index_select(0, index)
 
 
 def cpu_has_bf16() -> bool:
