@@ -106,3 +106,18 @@ def test_greedy_generation_matches_full_forward(llama_backbone):
             logits = llama_backbone.model(inputs_embeds=embeds).logits
             sequence.append(int(logits[0, -1].argmax()))
     assert generated == sequence[len(ids):]
+
+
+def test_prompts_of_different_lengths_share_one_padded_cache(tiny_backbone):
+    """A bank of prompts with different K, padded into one cache, scores each row as its own prompt alone."""
+    from softprompt.backbone import PrefixCache
+
+    batch = training_batch(tiny_backbone)
+    short, long = torch.randn(1, 2, tiny_backbone.d_model), torch.randn(1, 6, tiny_backbone.d_model)
+    with torch.no_grad():
+        stacked = PrefixCache.stack([tiny_backbone.prompt_key_values(short), tiny_backbone.prompt_key_values(long)])
+        mixed = tiny_backbone.target_logprobs(batch, prompt_index=torch.tensor([0, 1, 1, 0]), prompt_kv=stacked)
+        alone = {k: tiny_backbone.target_logprobs(batch, p) for k, p in [(0, short), (1, long)]}
+    for row, prompt in enumerate([0, 1, 1, 0]):
+        selected = batch.target_rows == row
+        torch.testing.assert_close(mixed[selected], alone[prompt][selected], atol=1e-5, rtol=1e-4)

@@ -20,7 +20,42 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import SoftPromptError
 
-PromptKeyValues = list[tuple[Tensor, Tensor]]  # per layer: keys, values of shape [P, heads, L, head_dim]
+
+@dataclass
+class PrefixCache:
+    """Keys/values of BOS + prompt for P prompts, computed once and reused for every example using them.
+
+    Prompts of different lengths are LEFT-padded to L slots; `mask` marks the real ones, and an example's tokens
+    start at position `lengths[p]`. Keys are rotated at their true positions when computed, and left padding keeps
+    cache-index distances equal to position distances (sliding-window layers use the former), so it is exact.
+    """
+
+    layers: list[tuple[Tensor, Tensor]]  # per layer: keys, values [P, heads, L, head_dim]
+    mask: Tensor  # [P, L], 1 for real slots
+    lengths: Tensor  # [P]
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1]
+
+    @staticmethod
+    def stack(caches: list[PrefixCache]) -> PrefixCache:
+        """One cache holding every prompt of `caches` (each may hold several), padded to the longest."""
+        width = max(cache.width for cache in caches)
+
+        def pad(tensor: Tensor, dim: int) -> Tensor:
+            missing = width - tensor.shape[dim]
+            if missing == 0:
+                return tensor
+            shape = list(tensor.shape)
+            shape[dim] = missing
+            return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+        layers = [
+            (torch.cat([pad(c.layers[i][0], 2) for c in caches]), torch.cat([pad(c.layers[i][1], 2) for c in caches]))
+            for i in range(len(caches[0].layers))
+        ]
+        return PrefixCache(layers, torch.cat([pad(c.mask, 1) for c in caches]), torch.cat([c.lengths for c in caches]))
 
 
 @dataclass
@@ -104,17 +139,18 @@ class Backbone:
         prompts = prompts.to(bos.dtype)
         return torch.cat([bos.expand(prompts.shape[0], -1, -1), prompts], dim=1)
 
-    def prompt_key_values(self, prompts: Tensor | None) -> tuple[PromptKeyValues, int]:
+    def prompt_key_values(self, prompts: Tensor | None) -> PrefixCache:
         """Keys/values of BOS + each prompt, computed once: reusable for every example with that prompt."""
         prefix = self.prefix_embeddings(prompts)
-        length = prefix.shape[1]
+        count, length = prefix.shape[0], prefix.shape[1]
+        mask = torch.ones(count, length, dtype=torch.long, device=self.device)
+        lengths = torch.full((count,), length, dtype=torch.long, device=self.device)
         if length == 0:
-            return [], 0
-        positions = torch.arange(length, device=self.device).unsqueeze(0).expand(prefix.shape[0], -1)
+            return PrefixCache([], mask, lengths)
+        positions = torch.arange(length, device=self.device).unsqueeze(0).expand(count, -1)
         with self.autocast():
             output = self.body(inputs_embeds=prefix, position_ids=positions, use_cache=True)
-        cache = output.past_key_values
-        return [(layer.keys, layer.values) for layer in cache.layers], length
+        return PrefixCache([(layer.keys, layer.values) for layer in output.past_key_values.layers], mask, lengths)
 
     def target_logprobs(
         self,
@@ -122,9 +158,13 @@ class Backbone:
         prompts: Tensor | None = None,
         prompt_index: Tensor | None = None,
         path: str = "cached",
-        prompt_kv: tuple[PromptKeyValues, int] | None = None,
+        prompt_kv: PrefixCache | None = None,
     ) -> Tensor:
-        """Log-prob of each target token, [N]. `prompts` is [P, K, d]; `prompt_index` [B] picks one per row."""
+        """Log-prob of each target token, [N]. `prompts` is [P, K, d]; `prompt_index` [B] picks one per row.
+
+        `prompt_kv` (cached path): reuse keys/values computed earlier by `prompt_key_values` (or a PromptBank)
+        instead of recomputing them from `prompts`.
+        """
         input_ids = batch.input_ids.to(self.device)
         mask = batch.attention_mask.to(self.device)
         rows, length = input_ids.shape
@@ -132,16 +172,16 @@ class Backbone:
             prompt_index = torch.zeros(rows, dtype=torch.long, device=self.device)
         prompt_index = prompt_index.to(self.device)
         if path == "cached":
-            key_values, prefix_length = prompt_kv if prompt_kv is not None else self.prompt_key_values(prompts)
+            prefix = prompt_kv if prompt_kv is not None else self.prompt_key_values(prompts)
             cache = None
-            if prefix_length:
+            if prefix.width:
                 cache = DynamicCache(
                     ddp_cache_data=[(gather_rows(k, prompt_index), gather_rows(v, prompt_index))
-                                    for k, v in key_values],
+                                    for k, v in prefix.layers],
                     config=self.model.config,
                 )
-            positions = prefix_length + torch.arange(length, device=self.device).unsqueeze(0).expand(rows, -1)
-            full_mask = torch.cat([mask.new_ones(rows, prefix_length), mask], dim=1)
+            positions = prefix.lengths[prompt_index].unsqueeze(1) + torch.arange(length, device=self.device)
+            full_mask = torch.cat([gather_rows(prefix.mask, prompt_index), mask], dim=1)
             with self.autocast():
                 hidden = self.body(
                     inputs_embeds=self.embed(input_ids),
@@ -172,9 +212,9 @@ class Backbone:
     @torch.no_grad()
     def generate(self, ids: list[int], prompt: Tensor | None, max_new_tokens: int, stop_ids: set[int]) -> list[int]:
         """Greedy decoding of one input after BOS + prompt; stops at any of `stop_ids`."""
-        key_values, prefix_length = self.prompt_key_values(None if prompt is None else prompt.unsqueeze(0))
-        cache = DynamicCache(ddp_cache_data=key_values, config=self.model.config) if prefix_length else None
-        cache = cache if cache is not None else DynamicCache(config=self.model.config)
+        prefix = self.prompt_key_values(None if prompt is None else prompt.unsqueeze(0))
+        cache = DynamicCache(ddp_cache_data=prefix.layers or None, config=self.model.config)
+        prefix_length = prefix.width
         step_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         position = prefix_length
         generated: list[int] = []

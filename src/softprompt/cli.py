@@ -160,15 +160,27 @@ def eval_command(
 
 @app.command("predict")
 def predict_command(
-    prompt: Annotated[Path, typer.Option(help="A trained prompt file.")],
+    prompt: Annotated[str, typer.Option(help="A prompt file, or a prompt name on --server.")],
     texts: Annotated[list[str] | None, typer.Argument(help="Inputs for the template's field.")] = None,
     data: Annotated[Path | None, typer.Option(help="JSONL/CSV file of inputs.")] = None,
     model: ModelOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per input.")] = False,
     precision: PrecisionOption = "auto",
+    server: Annotated[str | None, typer.Option(help="Ask a running `softprompt serve` instead (URL).")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="SOFTPROMPT_API_KEY")] = None,
 ) -> None:
     """Label and per-label scores for each input."""
-    soft_prompt, backbone = _prompt_and_model(prompt, model, precision)
+    if server:
+        from .client import Client
+
+        results = Client(server, api_key).classify(prompt, list(texts or []))
+        for text, result in zip(texts or [], results):
+            if as_json:
+                print(json.dumps({"input": text, "label": result["label"], "scores": result["scores"]}))
+            else:
+                console.print(f"[bold]{result['label']}[/]  {result['scores']}  {text[:80]}")
+        return
+    soft_prompt, backbone = _prompt_and_model(Path(prompt), model, precision)
     task = soft_prompt.task
     examples = []
     if data:
@@ -191,6 +203,36 @@ def predict_command(
         else:
             scores = "  ".join(f"{label} {score:.3f}" for label, score in prediction.scores.items())
             console.print(f"[bold]{prediction.label}[/]  ({scores})  {next(iter(example.fields.values()))[:80]}")
+
+
+@app.command()
+def serve(
+    prompts: Annotated[Path, typer.Option(help="Directory of prompt files (*.safetensors) to serve.")],
+    model: ModelOption = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="SOFTPROMPT_API_KEY", help="Require this key.")] = None,
+    max_batch: Annotated[int, typer.Option(help="Most inputs in one forward pass (and per request).")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="How long the first request waits for company.")] = 5.0,
+    precision: PrecisionOption = "auto",
+) -> None:
+    """Serve every prompt in a directory from one frozen model over HTTP (mixed-task batches)."""
+    import uvicorn
+
+    from .bank import PromptBank
+    from .serve import create_app
+
+    if model is None:
+        bases = {SoftPrompt.load(path).base_model for path in sorted(prompts.glob("*.safetensors"))
+                 if not path.name.endswith(".ckpt.safetensors")}
+        if len(bases) != 1:
+            raise SoftPromptError(f"give --model: the prompts in {prompts} name base models {sorted(bases) or 'none'}")
+        model = bases.pop()
+    bank = PromptBank.from_directory(load_model(model, precision), prompts)
+    snapshot = bank.snapshot
+    console.print(f"serving {len(snapshot.entries)} prompts on {model} at http://{host}:{port} "
+                  f"({len(snapshot.rejected)} rejected: {', '.join(snapshot.rejected) or 'none'})")
+    uvicorn.run(create_app(bank, api_key, max_batch, max_wait_ms), host=host, port=port, log_level="warning")
 
 
 @models_app.callback()

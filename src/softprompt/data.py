@@ -288,36 +288,52 @@ class Encoder:
             rows.append(item.input_ids + item.target_ids[:-1])
             start = len(item.input_ids) - 1
             targets += [(row, start + offset, token) for offset, token in enumerate(item.target_ids)]
-        return self._batch(rows, targets)
+        return token_batch(rows, targets, self.backbone.pad_id)
 
     def scoring_batch(self, items: list[Encoded]) -> tuple[TokenBatch, torch.Tensor]:
         """Every label's continuation for every item; returns the batch and, per target token, its
         (item * num_labels + label) group, so scores = sum of token log-probs per group."""
-        num_labels = len(self.label_ids)
-        rows, targets, groups = [], [], []
-        single_token = all(len(ids) == 1 for ids in self.label_ids)
-        for index, item in enumerate(items):
-            if single_token:  # one row serves all labels: they are read off the same position
-                rows.append(item.input_ids)
-                for label, ids in enumerate(self.label_ids):
-                    targets.append((len(rows) - 1, len(item.input_ids) - 1, ids[0]))
-                    groups.append(index * num_labels + label)
-                continue
-            for label, ids in enumerate(self.label_ids):
-                rows.append(item.input_ids + ids[:-1])
-                start = len(item.input_ids) - 1
-                for offset, token in enumerate(ids):
-                    targets.append((len(rows) - 1, start + offset, token))
-                    groups.append(index * num_labels + label)
-        return self._batch(rows, targets), torch.tensor(groups, dtype=torch.long)
+        batch, groups, _ = scoring_batch([(self.label_ids, item) for item in items], self.backbone.pad_id)
+        return batch, groups
 
-    def _batch(self, rows: list[list[int]], targets: list[tuple[int, int, int]]) -> TokenBatch:
-        width = max(len(row) for row in rows)
-        pad = self.backbone.pad_id
-        input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=torch.long)
-        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], dtype=torch.long)
-        target = torch.tensor(targets, dtype=torch.long).reshape(-1, 3)
-        return TokenBatch(input_ids, mask, target[:, 0], target[:, 1], target[:, 2])
+
+def scoring_batch(
+    entries: list[tuple[list[list[int]], Encoded]], pad_id: int
+) -> tuple[TokenBatch, torch.Tensor, torch.Tensor]:
+    """Rank-classification rows for items that may each have their own labels (a mixed-task batch).
+
+    `entries[i]` is (that item's label token ids, the item). Returns the batch; per target token its group, an
+    index into the flat list of (item, label) scores in item order; and per row the item it belongs to.
+    """
+    rows, targets, groups, owners = [], [], [], []
+    offset = 0
+    for index, (label_ids, item) in enumerate(entries):
+        start = len(item.input_ids) - 1
+        if all(len(ids) == 1 for ids in label_ids):  # one row serves all labels: read off the same position
+            rows.append(item.input_ids)
+            owners.append(index)
+            for label, ids in enumerate(label_ids):
+                targets.append((len(rows) - 1, start, ids[0]))
+                groups.append(offset + label)
+        else:
+            for label, ids in enumerate(label_ids):
+                rows.append(item.input_ids + ids[:-1])
+                owners.append(index)
+                for position, token in enumerate(ids):
+                    targets.append((len(rows) - 1, start + position, token))
+                    groups.append(offset + label)
+        offset += len(label_ids)
+    return (token_batch(rows, targets, pad_id), torch.tensor(groups, dtype=torch.long),
+            torch.tensor(owners, dtype=torch.long))
+
+
+def token_batch(rows: list[list[int]], targets: list[tuple[int, int, int]], pad_id: int) -> TokenBatch:
+    """Right-pad `rows`; `targets` are (row, position predicting the token, token id)."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long)
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], dtype=torch.long)
+    target = torch.tensor(targets, dtype=torch.long).reshape(-1, 3)
+    return TokenBatch(input_ids, mask, target[:, 0], target[:, 1], target[:, 2])
 
 
 # ---------- one entry point for "a dataset by name or by files" ----------

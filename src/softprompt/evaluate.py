@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .backbone import Backbone
-from .data import Encoded, Encoder, Example
+from .data import Encoded, Encoder, Example, scoring_batch
 from .prompt import SoftPrompt
 from .tasks import TaskSpec
 
@@ -53,11 +53,8 @@ def label_scores(
     # The prompt's keys/values are the same for every item: compute them once for the whole run.
     prompt_kv = backbone.prompt_key_values(prompts)
     for indices in length_sorted_batches(items, batch_size):
-        batch, groups = encoder.scoring_batch([items[i] for i in indices])
-        rows_per_item = batch.input_ids.shape[0] // len(indices)
-        index = None
-        if prompt_index is not None:
-            index = prompt_index[indices].repeat_interleave(rows_per_item)
+        batch, groups, owners = scoring_batch([(encoder.label_ids, items[i]) for i in indices], backbone.pad_id)
+        index = None if prompt_index is None else prompt_index[indices][owners]
         logprobs = backbone.target_logprobs(batch, prompts, index, prompt_kv=prompt_kv).cpu()
         scores[indices] = sum_label_tokens(logprobs, groups, len(indices), num_labels)
     return scores

@@ -1,0 +1,164 @@
+"""PromptBank: many prompts for ONE frozen model, served together in mixed-task batches.
+
+Each prompt's keys/values are computed once when it is loaded (so prompt length costs almost nothing per request)
+and stacked into one padded PrefixCache; a batch gathers one prompt per row. `reload()` rescans the directory and
+swaps in a new immutable snapshot, so requests already running finish on the old one and none is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .backbone import Backbone, PrefixCache
+from .data import Encoder, Example, scoring_batch
+from .errors import SoftPromptError
+from .evaluate import Prediction
+from .prompt import SoftPrompt
+
+log = logging.getLogger("softprompt.bank")
+
+
+class UnknownPrompt(SoftPromptError):
+    """A request named a prompt the bank does not hold."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    prompt: SoftPrompt
+    encoder: Encoder
+    index: int  # row of this prompt in the snapshot's PrefixCache
+    stamp: tuple[int, int]  # (mtime_ns, size) of the file it came from
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    entries: dict[str, Entry]
+    cache: PrefixCache | None
+    rejected: dict[str, str]  # file name -> reason it is not served
+
+
+class PromptBank:
+    def __init__(self, backbone: Backbone, max_input_tokens: int = 256):
+        self.backbone = backbone
+        self.max_input_tokens = max_input_tokens
+        self.directory: Path | None = None
+        self.snapshot = Snapshot({}, None, {})
+        self._reload_lock = threading.Lock()
+
+    @classmethod
+    def from_directory(cls, backbone: Backbone, directory: str | Path, max_input_tokens: int = 256) -> PromptBank:
+        bank = cls(backbone, max_input_tokens)
+        bank.directory = Path(directory)
+        if not bank.directory.is_dir():
+            raise SoftPromptError(f"prompt directory {directory} does not exist")
+        bank.reload()
+        return bank
+
+    def reload(self) -> dict[str, list[str]]:
+        """Rescan the directory; new or changed files go live, removed ones leave. Returns what changed."""
+        with self._reload_lock:
+            old = self.snapshot
+            prompts: dict[str, tuple[SoftPrompt, tuple[int, int]]] = {}
+            rejected: dict[str, str] = {}
+            for path in sorted(self.directory.glob("*.safetensors")):
+                if path.name.endswith(".ckpt.safetensors"):
+                    continue  # training checkpoints, not prompts
+                stat = path.stat()
+                stamp = (stat.st_mtime_ns, stat.st_size)
+                name = path.name[: -len(".safetensors")]
+                if name in old.entries and old.entries[name].stamp == stamp:
+                    prompts[name] = (old.entries[name].prompt, stamp)
+                    continue
+                try:
+                    prompt = SoftPrompt.load(path)
+                    prompt.check_backbone(self.backbone)
+                    if not prompt.task.is_classification:
+                        raise SoftPromptError("generation prompts are not served yet")
+                    prompts[name] = (prompt, stamp)
+                except SoftPromptError as error:
+                    rejected[path.name] = str(error)
+                    log.warning("not serving %s: %s", path, error)
+            self.snapshot = self._build(prompts, rejected)
+            new = self.snapshot.entries
+            return {
+                "added": sorted(set(new) - set(old.entries)),
+                "updated": sorted(n for n in set(new) & set(old.entries) if new[n].stamp != old.entries[n].stamp),
+                "removed": sorted(set(old.entries) - set(new)),
+                "rejected": sorted(rejected),
+            }
+
+    def add(self, name: str, prompt: SoftPrompt) -> None:
+        """Serve an in-memory prompt (the Python API; directories use reload)."""
+        prompt.check_backbone(self.backbone)
+        with self._reload_lock:
+            prompts = {n: (e.prompt, e.stamp) for n, e in self.snapshot.entries.items()}
+            prompts[name] = (prompt, (0, 0))
+            self.snapshot = self._build(prompts, self.snapshot.rejected)
+
+    @torch.no_grad()
+    def _build(self, prompts: dict[str, tuple[SoftPrompt, tuple[int, int]]], rejected: dict[str, str]) -> Snapshot:
+        entries, caches = {}, []
+        for index, (name, (prompt, stamp)) in enumerate(prompts.items()):
+            encoder = Encoder(self.backbone, prompt.task, self.max_input_tokens)
+            entries[name] = Entry(name, prompt, encoder, index, stamp)
+            embeddings = prompt.embeddings.to(self.backbone.device).unsqueeze(0)
+            caches.append(self.backbone.prompt_key_values(embeddings))
+        return Snapshot(entries, PrefixCache.stack(caches) if caches else None, rejected)
+
+    def entry(self, name: str, snapshot: Snapshot | None = None) -> Entry:
+        entries = (snapshot or self.snapshot).entries
+        if name not in entries:
+            raise UnknownPrompt(f"unknown prompt {name!r}; serving: {', '.join(sorted(entries)) or 'none'}")
+        return entries[name]
+
+    @torch.inference_mode()
+    def classify(self, requests: list[tuple[str, dict[str, str]]]) -> list[Prediction]:
+        """One forward pass for a batch mixing any prompts: (prompt name, row fields) -> label + probabilities."""
+        snapshot = self.snapshot  # one consistent view even if a reload lands meanwhile
+        entries = []
+        for name, fields in requests:
+            entry = self.entry(name, snapshot)
+            missing = [field for field in entry.prompt.task.fields if field not in fields]
+            if missing:
+                raise SoftPromptError(f"prompt {name!r} needs field {missing[0]!r} (template fields: "
+                                      f"{', '.join(entry.prompt.task.fields)})")
+            entries.append(entry)
+        items = [(e.encoder.label_ids, e.encoder.encode(Example(fields, None, None, "request")))
+                 for e, (_, fields) in zip(entries, requests)]
+        batch, groups, owners = scoring_batch(items, self.backbone.pad_id)
+        prompt_index = torch.tensor([e.index for e in entries], device=self.backbone.device)[owners]
+        logprobs = self.backbone.target_logprobs(batch, prompt_index=prompt_index, prompt_kv=snapshot.cache).cpu()
+        flat = torch.zeros(int(groups.max()) + 1).index_add_(0, groups, logprobs)
+        predictions, offset = [], 0
+        for entry in entries:
+            labels = entry.prompt.task.labels
+            probabilities = flat[offset : offset + len(labels)].softmax(0)
+            offset += len(labels)
+            predictions.append(Prediction(labels[int(probabilities.argmax())],
+                                          {label: float(p) for label, p in zip(labels, probabilities)}))
+        return predictions
+
+
+@dataclass
+class EnsembleAnswer:
+    label: str  # majority vote; ties go to the label with the higher mean probability
+    mean_label: str  # argmax of the mean probabilities
+    scores: dict[str, float]  # mean probabilities
+    votes: dict[str, int]
+
+
+def ensemble(per_prompt: list[Prediction]) -> EnsembleAnswer:
+    """Combine one input's predictions from several prompts of the same task."""
+    labels = list(per_prompt[0].scores)
+    if any(list(p.scores) != labels for p in per_prompt):
+        raise SoftPromptError("ensembled prompts must share the same labels in the same order")
+    mean = {label: sum(p.scores[label] for p in per_prompt) / len(per_prompt) for label in labels}
+    votes = {label: sum(p.label == label for p in per_prompt) for label in labels}
+    vote = max(labels, key=lambda label: (votes[label], mean[label]))
+    return EnsembleAnswer(vote, max(labels, key=mean.get), mean, votes)

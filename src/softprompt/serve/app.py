@@ -1,0 +1,152 @@
+"""The FastAPI app: classify / ensemble over a PromptBank, hot reload, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, Field
+
+from ..bank import PromptBank, UnknownPrompt, ensemble
+from ..errors import SoftPromptError
+from .batcher import Batcher
+from .metrics import Metrics
+
+Input = str | dict[str, str]
+
+
+class ClassifyRequest(BaseModel):
+    prompt: str
+    inputs: list[Input] = Field(min_length=1)
+
+
+class EnsembleRequest(BaseModel):
+    prompts: list[str] = Field(min_length=1)
+    inputs: list[Input] = Field(min_length=1)
+
+
+def create_app(bank: PromptBank, api_key: str | None = None, max_batch: int = 32, max_wait_ms: float = 5.0,
+               max_input_chars: int = 20_000) -> FastAPI:
+    metrics = Metrics()
+    batcher = Batcher(bank.classify, max_batch=max_batch, max_wait_ms=max_wait_ms, on_batch=metrics.batch)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        batcher.close()
+
+    app = FastAPI(title="softprompt", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        metrics.request(request.url.path, response.status_code, time.perf_counter() - started)
+        return response
+
+    def authorize(authorization: str | None = Header(None), x_api_key: str | None = Header(None)) -> None:
+        if api_key is None:
+            return
+        given = x_api_key or (authorization[7:] if authorization and authorization.startswith("Bearer ") else None)
+        if given is None or not secrets.compare_digest(given, api_key):
+            raise HTTPException(401, "missing or wrong API key (send 'Authorization: Bearer KEY' or 'X-API-Key')")
+
+    def rows(prompt_name: str, inputs: list[Input]) -> list[dict[str, str]]:
+        """Validate inputs against the prompt's template before they join a batch."""
+        try:
+            entry = bank.entry(prompt_name)
+        except UnknownPrompt as error:
+            raise HTTPException(404, str(error)) from None
+        fields = entry.prompt.task.fields
+        result = []
+        for number, value in enumerate(inputs):
+            if isinstance(value, str):
+                if len(fields) != 1:
+                    raise HTTPException(422, f"inputs[{number}]: prompt {prompt_name!r} has fields {fields}; "
+                                             "send an object with each field")
+                value = {fields[0]: value}
+            missing = [name for name in fields if name not in value]
+            if missing:
+                raise HTTPException(422, f"inputs[{number}]: missing field {missing[0]!r} for prompt {prompt_name!r}")
+            size = sum(len(value[name]) for name in fields)
+            if size > max_input_chars:
+                raise HTTPException(413, f"inputs[{number}] has {size} characters; the limit is {max_input_chars}")
+            result.append({name: value[name] for name in fields})
+        return result
+
+    def check_batch(count: int) -> None:
+        if count > max_batch:
+            raise HTTPException(413, f"{count} inputs in one request; the limit is {max_batch} (--max-batch)")
+
+    async def run(items: list[tuple[str, dict[str, str]]]):
+        try:
+            return await batcher.submit(items)
+        except SoftPromptError as error:
+            raise HTTPException(422, str(error)) from None
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "model": bank.backbone.name, "prompts": len(bank.snapshot.entries)}
+
+    @app.get("/v1/prompts", dependencies=[Depends(authorize)])
+    def list_prompts() -> dict:
+        snapshot = bank.snapshot
+        served = [
+            {
+                "name": name,
+                "task": entry.prompt.task.name,
+                "labels": entry.prompt.task.labels,
+                "template": entry.prompt.task.template,
+                "length": entry.prompt.length,
+                "base_model": entry.prompt.base_model,
+                "metrics": {key: entry.prompt.training.get(key)
+                            for key in ("best_valid_accuracy", "test_accuracy", "steps_run")},
+            }
+            for name, entry in sorted(snapshot.entries.items())
+        ]
+        rejected = [{"file": file, "reason": reason} for file, reason in sorted(snapshot.rejected.items())]
+        return {"prompts": served, "rejected": rejected}
+
+    @app.post("/v1/classify", dependencies=[Depends(authorize)])
+    async def classify(request: ClassifyRequest) -> dict:
+        check_batch(len(request.inputs))
+        fields = rows(request.prompt, request.inputs)
+        predictions = await run([(request.prompt, row) for row in fields])
+        return {"prompt": request.prompt,
+                "results": [{"label": p.label, "scores": p.scores} for p in predictions]}
+
+    @app.post("/v1/ensemble", dependencies=[Depends(authorize)])
+    async def ensemble_endpoint(request: EnsembleRequest) -> dict:
+        check_batch(len(request.inputs) * len(request.prompts))
+        per_prompt = {name: rows(name, request.inputs) for name in request.prompts}
+        labels = {tuple(bank.entry(name).prompt.task.labels) for name in request.prompts}
+        if len(labels) > 1:
+            raise HTTPException(422, f"ensembled prompts must share labels; got {sorted(labels)}")
+        items = [(name, per_prompt[name][i]) for i in range(len(request.inputs)) for name in request.prompts]
+        predictions = await run(items)
+        width = len(request.prompts)
+        results = []
+        for i in range(len(request.inputs)):
+            group = predictions[i * width : (i + 1) * width]
+            answer = ensemble(group)
+            results.append({"label": answer.label, "mean_label": answer.mean_label, "scores": answer.scores,
+                            "votes": answer.votes,
+                            "per_prompt": {name: p.label for name, p in zip(request.prompts, group)}})
+        return {"prompts": request.prompts, "results": results}
+
+    @app.post("/v1/prompts/reload", dependencies=[Depends(authorize)])
+    async def reload() -> dict:
+        if bank.directory is None:
+            raise HTTPException(409, "this server was not started from a prompt directory")
+        return await asyncio.to_thread(bank.reload)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def prometheus() -> str:
+        snapshot = bank.snapshot
+        return metrics.render(len(snapshot.entries), len(snapshot.rejected))
+
+    return app

@@ -1,0 +1,163 @@
+"""PromptBank and the HTTP server on a tiny model: mixed batches equal single answers; every bad input."""
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from softprompt.bank import PromptBank, ensemble
+from softprompt.data import Example
+from softprompt.evaluate import Prediction, predict
+from softprompt.prompt import SoftPrompt
+from softprompt.serve import create_app
+from softprompt.tasks import TaskSpec
+
+TASKS = {
+    "sentiment": (TaskSpec(name="sentiment", template="Review: {text}\nSentiment:", labels=["negative", "positive"]),
+                  4),
+    "topic": (TaskSpec(name="topic", template="Post: {text}\nNewsgroup:",
+                       labels=["comp.graphics", "lazy dog", "fox"]), 7),
+    "nli": (TaskSpec(name="nli", template="{premise}\nQuestion: {hypothesis}?", labels=["no", "yes"]), 2),
+}
+TEXTS = ["a great movie", "dull, boring and far too long for what it is", "the graphics card driver crashed"]
+
+
+@pytest.fixture
+def served(tmp_path, llama_backbone):
+    from conftest import make_backbone
+
+    torch.manual_seed(0)
+    prompts = {}
+    for name, (task, length) in TASKS.items():
+        prompts[name] = SoftPrompt(torch.randn(length, llama_backbone.d_model), llama_backbone.name,
+                                   llama_backbone.fingerprint, task)
+        prompts[name].save(tmp_path / f"{name}.safetensors")
+    other = make_backbone("llama", seed=1)
+    SoftPrompt(torch.randn(3, other.d_model), "other-model", other.fingerprint, TASKS["sentiment"][0]).save(
+        tmp_path / "foreign.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a prompt")
+    bank = PromptBank.from_directory(llama_backbone, tmp_path)
+    return bank, prompts, tmp_path
+
+
+def test_bank_rejects_foreign_and_broken_files(served):
+    bank, _, _ = served
+    assert sorted(bank.snapshot.entries) == ["nli", "sentiment", "topic"]
+    assert "other-model" in bank.snapshot.rejected["foreign.safetensors"]
+    assert "not a readable safetensors file" in bank.snapshot.rejected["broken.safetensors"]
+
+
+def test_mixed_batch_equals_one_prompt_at_a_time(served, llama_backbone):
+    bank, prompts, _ = served
+    requests = [("sentiment", {"text": TEXTS[0]}), ("topic", {"text": TEXTS[2]}),
+                ("nli", {"premise": TEXTS[1], "hypothesis": "it is long"}), ("sentiment", {"text": TEXTS[1]})]
+    mixed = bank.classify(requests)
+    for (name, fields), answer in zip(requests, mixed):
+        (alone,) = bank.classify([(name, fields)])
+        (reference,) = predict(llama_backbone, prompts[name], [Example(fields, None, None, "r")])
+        assert answer.label == alone.label == reference.label
+        for label in answer.scores:
+            assert abs(answer.scores[label] - alone.scores[label]) < 1e-5
+            assert abs(answer.scores[label] - reference.scores[label]) < 1e-5
+
+
+def test_ensemble_vote_and_mean():
+    a = Prediction("x", {"x": 0.6, "y": 0.4})
+    b = Prediction("y", {"x": 0.1, "y": 0.9})
+    c = Prediction("x", {"x": 0.55, "y": 0.45})
+    answer = ensemble([a, b, c])
+    assert answer.label == "x" and answer.votes == {"x": 2, "y": 1}
+    assert answer.mean_label == "y" and abs(answer.scores["y"] - (0.4 + 0.9 + 0.45) / 3) < 1e-12
+
+
+@pytest.fixture
+def client(served):
+    bank, _, _ = served
+    with TestClient(create_app(bank, api_key="secret", max_batch=8, max_wait_ms=50)) as test_client:
+        test_client.headers["Authorization"] = "Bearer secret"
+        yield test_client
+
+
+def test_concurrent_requests_are_batched_and_match_single_answers(client, served):
+    bank, _, _ = served
+    bodies = [{"prompt": ["sentiment", "topic"][i % 2], "inputs": [TEXTS[i % 3]]} for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda body: client.post("/v1/classify", json=body), bodies))
+    assert all(a.status_code == 200 for a in answers)
+    for body, answer in zip(bodies, answers):
+        (alone,) = bank.classify([(body["prompt"], {"text": body["inputs"][0]})])
+        for label, score in answer.json()["results"][0]["scores"].items():
+            assert abs(score - alone.scores[label]) < 1e-5
+    metrics = client.get("/metrics").text
+    batches = int(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("softprompt_batches")))
+    assert batches < 8  # at least two requests shared a forward pass
+    assert 'softprompt_requests_total{path="/v1/classify",status="200"} 8' in metrics
+
+
+def test_list_prompts_shows_served_and_rejected(client):
+    body = client.get("/v1/prompts").json()
+    assert [p["name"] for p in body["prompts"]] == ["nli", "sentiment", "topic"]
+    topic = next(p for p in body["prompts"] if p["name"] == "topic")
+    assert topic["labels"] == ["comp.graphics", "lazy dog", "fox"] and topic["length"] == 7
+    assert {r["file"] for r in body["rejected"]} == {"broken.safetensors", "foreign.safetensors"}
+
+
+def test_ensemble_endpoint(client):
+    answer = client.post("/v1/ensemble", json={"prompts": ["sentiment", "sentiment"], "inputs": [TEXTS[0]]})
+    assert answer.status_code == 200
+    result = answer.json()["results"][0]
+    assert result["votes"][result["label"]] == 2
+    mismatched = client.post("/v1/ensemble", json={"prompts": ["sentiment", "topic"], "inputs": ["x"]})
+    assert mismatched.status_code == 422 and "share labels" in mismatched.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"prompt": "nope", "inputs": ["x"]}, 404, "unknown prompt 'nope'"),
+        ({"prompt": "sentiment"}, 422, "inputs"),
+        ({"prompt": "sentiment", "inputs": []}, 422, "inputs"),
+        ({"prompt": "nli", "inputs": ["just text"]}, 422, "has fields ['premise', 'hypothesis']"),
+        ({"prompt": "nli", "inputs": [{"premise": "a"}]}, 422, "missing field 'hypothesis'"),
+        ({"prompt": "sentiment", "inputs": ["x"] * 9}, 413, "the limit is 8"),
+        ({"prompt": "sentiment", "inputs": ["x" * 20_001]}, 413, "the limit is 20000"),
+    ],
+)
+def test_bad_requests(client, body, status, message):
+    answer = client.post("/v1/classify", json=body)
+    assert answer.status_code == status
+    assert message in json.dumps(answer.json()["detail"])
+
+
+def test_api_key(client):
+    assert client.get("/v1/prompts", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/v1/prompts", headers={"Authorization": "", "X-API-Key": "secret"}).status_code == 200
+    assert client.get("/health", headers={"Authorization": ""}).status_code == 200
+
+
+def test_hot_reload_under_traffic_loses_no_request(client, served, llama_backbone):
+    bank, _, directory = served
+    statuses, stop = [], threading.Event()
+
+    def traffic():
+        while not stop.is_set() and len(statuses) < 200:
+            statuses.append(client.post("/v1/classify", json={"prompt": "sentiment", "inputs": [TEXTS[0]]})
+                            .status_code)
+
+    workers = [threading.Thread(target=traffic) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    SoftPrompt(torch.randn(5, llama_backbone.d_model), llama_backbone.name, llama_backbone.fingerprint,
+               TASKS["sentiment"][0]).save(directory / "sentiment-v2.safetensors")
+    (directory / "topic.safetensors").unlink()
+    changes = client.post("/v1/prompts/reload").json()
+    stop.set()
+    for worker in workers:
+        worker.join()
+    assert changes["added"] == ["sentiment-v2"] and changes["removed"] == ["topic"]
+    assert statuses and all(status == 200 for status in statuses)
+    assert client.post("/v1/classify", json={"prompt": "sentiment-v2", "inputs": ["x"]}).status_code == 200
+    assert client.post("/v1/classify", json={"prompt": "topic", "inputs": ["x"]}).status_code == 404
