@@ -5,6 +5,7 @@ import json
 import pytest
 
 from softprompt import cli
+from softprompt.data import Example
 from softprompt.prompt import SoftPrompt
 
 
@@ -115,3 +116,49 @@ def test_models_and_tasks_listings(capsys, monkeypatch, tmp_path):
     assert code == 0 and "smollm2-135m" in stdout and "qwen2.5-coder-1.5b" in stdout
     code, stdout, _ = run(["tasks"], capsys)
     assert code == 0 and "rotten-tomatoes" in stdout and "10752" in stdout and "7528" in stdout
+
+
+def test_serve_and_predict_through_the_server(tiny_model_dir, tmp_path, capsys):
+    """`softprompt serve` as a real process on loopback, asked by `softprompt predict --server`."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import torch
+
+    from softprompt.backbone import load_model
+    from softprompt.evaluate import predict
+    from softprompt.tasks import TaskSpec
+
+    backbone = load_model(str(tiny_model_dir), precision="fp32")
+    task = TaskSpec(name="sentiment", template="Review: {text}\nSentiment:", labels=["negative", "positive"])
+    prompt = SoftPrompt(torch.randn(3, backbone.d_model), str(tiny_model_dir), backbone.fingerprint, task)
+    (tmp_path / "prompts").mkdir()
+    prompt.save(tmp_path / "prompts" / "sentiment.safetensors")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "softprompt", "serve", "--prompts", tmp_path / "prompts",
+                               "--port", str(port), "--precision", "fp32", "--max-wait-ms", "1"])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):  # bounded wait for start-up
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        code, stdout, stderr = run(["predict", "--server", url, "--prompt", "sentiment", "--json", "a great movie"],
+                                   capsys)
+        assert code == 0, stderr
+        answer = json.loads(stdout)
+        (local,) = predict(backbone, prompt, [Example({"text": "a great movie"}, None, None, "r")])
+        assert answer["label"] == local.label
+        assert abs(answer["scores"]["positive"] - local.scores["positive"]) < 1e-5
+        code, _, stderr = run(["predict", "--server", url, "--prompt", "nope", "x"], capsys)
+        assert code == 2 and "404" in stderr and "unknown prompt 'nope'" in stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -76,7 +76,7 @@ def test_ensemble_vote_and_mean():
 @pytest.fixture
 def client(served):
     bank, _, _ = served
-    with TestClient(create_app(bank, api_key="secret", max_batch=8, max_wait_ms=50)) as test_client:
+    with TestClient(create_app(bank, api_key="secret", max_batch=8, max_wait_ms=500)) as test_client:
         test_client.headers["Authorization"] = "Bearer secret"
         yield test_client
 
@@ -161,3 +161,23 @@ def test_hot_reload_under_traffic_loses_no_request(client, served, llama_backbon
     assert statuses and all(status == 200 for status in statuses)
     assert client.post("/v1/classify", json={"prompt": "sentiment-v2", "inputs": ["x"]}).status_code == 200
     assert client.post("/v1/classify", json={"prompt": "topic", "inputs": ["x"]}).status_code == 404
+
+
+def test_per_prompt_batching_never_mixes_prompts(served):
+    """The baseline mode: every forward pass holds one prompt only (and answers stay the same)."""
+    bank, _, _ = served
+    seen = []
+    original = bank.classify
+
+    def recording(requests):
+        seen.append({name for name, _ in requests})
+        return original(requests)
+
+    bank.classify = recording
+    with TestClient(create_app(bank, max_batch=8, max_wait_ms=500, batching="per-prompt")) as test_client:
+        bodies = [{"prompt": ["sentiment", "topic"][i % 2], "inputs": [TEXTS[i % 3]]} for i in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda body: test_client.post("/v1/classify", json=body), bodies))
+    assert all(a.status_code == 200 for a in answers)
+    assert seen and all(len(names) == 1 for names in seen)
+    assert sum(1 for names in seen) < 8  # same-prompt requests still share a pass

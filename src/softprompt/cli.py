@@ -215,6 +215,7 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Most inputs in one forward pass (and per request).")] = 32,
     max_wait_ms: Annotated[float, typer.Option(help="How long the first request waits for company.")] = 5.0,
     precision: PrecisionOption = "auto",
+    batching: Annotated[str, typer.Option(help="mixed | per-prompt (one prompt per forward: a baseline).")] = "mixed",
 ) -> None:
     """Serve every prompt in a directory from one frozen model over HTTP (mixed-task batches)."""
     import uvicorn
@@ -232,7 +233,8 @@ def serve(
     snapshot = bank.snapshot
     console.print(f"serving {len(snapshot.entries)} prompts on {model} at http://{host}:{port} "
                   f"({len(snapshot.rejected)} rejected: {', '.join(snapshot.rejected) or 'none'})")
-    uvicorn.run(create_app(bank, api_key, max_batch, max_wait_ms), host=host, port=port, log_level="warning")
+    app = create_app(bank, api_key, max_batch, max_wait_ms, batching=batching)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 @models_app.callback()

@@ -30,9 +30,15 @@ class EnsembleRequest(BaseModel):
 
 
 def create_app(bank: PromptBank, api_key: str | None = None, max_batch: int = 32, max_wait_ms: float = 5.0,
-               max_input_chars: int = 20_000) -> FastAPI:
+               max_input_chars: int = 20_000, batching: str = "mixed") -> FastAPI:
+    """`batching="per-prompt"` keeps each forward pass to one prompt: the baseline mixed batching is measured
+    against (bench/serve.py)."""
+    if batching not in ("mixed", "per-prompt"):
+        raise SoftPromptError(f"unknown batching {batching!r}; choose mixed or per-prompt")
     metrics = Metrics()
-    batcher = Batcher(bank.classify, max_batch=max_batch, max_wait_ms=max_wait_ms, on_batch=metrics.batch)
+    group_key = (lambda job: job.items[0][0]) if batching == "per-prompt" else None
+    batcher = Batcher(bank.classify, max_batch=max_batch, max_wait_ms=max_wait_ms, on_batch=metrics.batch,
+                      group_key=group_key)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

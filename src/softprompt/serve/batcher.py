@@ -10,7 +10,8 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 
@@ -23,13 +24,20 @@ class Job:
 
 
 class Batcher:
+    """`group_key` (optional) limits a batch to jobs with the same key: with the prompt name as key this is the
+    one-prompt-at-a-time baseline that single-adapter servers are limited to."""
+
     def __init__(self, run: Callable[[list], list], max_batch: int = 32, max_wait_ms: float = 5.0,
-                 on_batch: Callable[[int, list[float]], None] | None = None):
+                 on_batch: Callable[[int, list[float]], None] | None = None,
+                 group_key: Callable[[Job], Hashable] | None = None):
         self.run = run
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self.on_batch = on_batch  # (batch size, queue waits in seconds) for metrics
+        self.group_key = group_key
         self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.pending: deque[Job] = deque()  # taken off the queue, waiting for a batch they fit
+        self.closing = False
         self.worker = threading.Thread(target=self._work, name="softprompt-batcher", daemon=True)
         self.worker.start()
 
@@ -43,29 +51,47 @@ class Batcher:
         self.jobs.put(None)
         self.worker.join(timeout=10)
 
+    def _next(self, timeout: float | None) -> Job | None:
+        """The next job off the queue; None on timeout or when closing."""
+        if self.closing:
+            return None
+        try:
+            job = self.jobs.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if job is None:
+            self.closing = True
+        return job
+
     def _work(self) -> None:
-        carried: Job | None = None
         while True:
-            first = carried or self.jobs.get()
-            carried = None
+            first = self.pending.popleft() if self.pending else self._next(None)
             if first is None:
-                return
+                if self.closing and not self.pending:
+                    return
+                continue
+            key = self.group_key(first) if self.group_key else None
             batch, size = [first], len(first.items)
+
+            for job in list(self.pending):
+                if self._fits(job, size, key):
+                    self.pending.remove(job)
+                    batch.append(job)
+                    size += len(job.items)
             deadline = first.queued_at + self.max_wait
             while size < self.max_batch:
-                try:
-                    job = self.jobs.get(timeout=max(0.0, deadline - time.perf_counter()))
-                except queue.Empty:
-                    break
+                job = self._next(max(0.0, deadline - time.perf_counter()))
                 if job is None:
-                    self.jobs.put(None)
                     break
-                if size + len(job.items) > self.max_batch:
-                    carried = job  # starts the next batch
-                    break
-                batch.append(job)
-                size += len(job.items)
+                if self._fits(job, size, key):
+                    batch.append(job)
+                    size += len(job.items)
+                else:
+                    self.pending.append(job)
             self._run(batch, size)
+
+    def _fits(self, job: Job, size: int, key: Hashable) -> bool:
+        return size + len(job.items) <= self.max_batch and (self.group_key is None or self.group_key(job) == key)
 
     def _run(self, batch: list[Job], size: int) -> None:
         started = time.perf_counter()
