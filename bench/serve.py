@@ -1,0 +1,158 @@
+"""The real server on loopback: mixed-task batching vs one prompt at a time, prompt length, many clients.
+
+    python bench/serve.py --quick        # ~4 minutes: 15 s per scenario, 200 clients for 20 s
+    python bench/serve.py                # 40 s per scenario, 200 clients for 60 s
+
+Real smollm2-135m, real Rotten Tomatoes test sentences, 16 prompt files (vocab-initialised, K=20; throughput does
+not depend on their values) plus one of K=1 and one of K=100. Each server is a separate `softprompt serve` process;
+the load comes from this process (asyncio + httpx, N concurrent clients, each sending one-input requests
+back to back until the scenario's time is up). Scenarios:
+  (a) single: every request to one prompt;   (b) mixed: requests spread over the 16 prompts;
+  (c) sequential: as (b), but the server batches one prompt at a time (`--batching per-prompt`, how servers
+      without per-example prompts must work);   (d) p50 latency of K=100 vs K=1, one client;
+  (e) 200 concurrent clients on the mixed server: errors counted.
+Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+
+def make_prompts(directory: Path) -> None:
+    from softprompt import load_dataset, load_model
+    from softprompt.initializers import initialize
+    from softprompt.prompt import SoftPrompt
+
+    backbone = load_model("smollm2-135m")
+    task = load_dataset("rotten-tomatoes").task
+    for index in range(16):
+        embeddings = initialize("vocab", backbone, 20, task, seed=index)
+        SoftPrompt(embeddings, backbone.name, backbone.fingerprint, task, init="vocab").save(
+            directory / f"p{index:02d}.safetensors")
+    for length in (1, 100):
+        embeddings = initialize("vocab", backbone, length, task, seed=100 + length)
+        SoftPrompt(embeddings, backbone.name, backbone.fingerprint, task, init="vocab").save(
+            directory / f"k{length}.safetensors")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    def __init__(self, prompts: Path, batching: str, max_batch: int):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "softprompt", "serve", "--model", "smollm2-135m", "--prompts", str(prompts),
+             "--port", str(self.port), "--batching", batching, "--max-batch", str(max_batch), "--max-wait-ms", "5"],
+            stdout=subprocess.DEVNULL)
+
+    def __enter__(self) -> Server:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        raise RuntimeError("server did not start")
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+async def load(url: str, prompt_names: list[str], texts: list[str], clients: int, seconds: float) -> dict:
+    """`clients` concurrent loops of one-input requests until `seconds` pass; bounded in time by construction."""
+    latencies, errors = [], 0
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+        async def one_client(number: int) -> None:
+            nonlocal errors
+            sent = 0
+            while time.perf_counter() < deadline:
+                name = prompt_names[(number + sent) % len(prompt_names)]
+                text = texts[(number * 7 + sent) % len(texts)]
+                started = time.perf_counter()
+                try:
+                    response = await client.post("/v1/classify", json={"prompt": name, "inputs": [text]})
+                    if response.status_code == 200:
+                        latencies.append(time.perf_counter() - started)
+                    else:
+                        errors += 1
+                except httpx.HTTPError:
+                    errors += 1
+                sent += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one_client(n) for n in range(clients)))
+        elapsed = time.perf_counter() - started
+    ordered = sorted(latencies) or [float("nan")]
+    return {"rps": len(latencies) / elapsed, "p50_ms": 1000 * statistics.median(ordered),
+            "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], "ok": len(latencies),
+            "errors": errors}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=32)
+    args = parser.parse_args()
+    seconds, soak = (15, 20) if args.quick else (40, 60)
+    torch.set_num_threads(1)  # the client side; the server processes use their own threads
+
+    from softprompt import load_dataset
+
+    texts = [example.fields["text"] for example in load_dataset("rotten-tomatoes").test[:400]]
+    sixteen = [f"p{i:02d}" for i in range(16)]
+    results = {}
+    with tempfile.TemporaryDirectory() as directory:
+        prompts = Path(directory)
+        make_prompts(prompts)
+        with Server(prompts, "mixed", args.max_batch) as server:
+            asyncio.run(load(server.url, ["p00"], texts, 4, 3))  # warm-up
+            results["single"] = asyncio.run(load(server.url, ["p00"], texts, args.clients, seconds))
+            results["mixed"] = asyncio.run(load(server.url, sixteen, texts, args.clients, seconds))
+            results["k1"] = asyncio.run(load(server.url, ["k1"], texts, 1, seconds / 2))
+            results["k100"] = asyncio.run(load(server.url, ["k100"], texts, 1, seconds / 2))
+            results["soak"] = asyncio.run(load(server.url, sixteen, texts, 200, soak))
+        with Server(prompts, "per-prompt", args.max_batch) as server:
+            asyncio.run(load(server.url, ["p00"], texts, 4, 3))
+            results["sequential"] = asyncio.run(load(server.url, sixteen, texts, args.clients, seconds))
+    for name, result in results.items():
+        print(f"{name:>10}: {result['rps']:7.1f} req/s  p50 {result['p50_ms']:8.1f} ms  p99 {result['p99_ms']:8.1f} ms"
+              f"  ok {result['ok']}  errors {result['errors']}", file=sys.stderr)
+    summary = {
+        "single_rps": round(results["single"]["rps"], 2),
+        "mixed_rps": round(results["mixed"]["rps"], 2),
+        "sequential_rps": round(results["sequential"]["rps"], 2),
+        "mixed_vs_single": round(results["mixed"]["rps"] / results["single"]["rps"], 3),
+        "mixed_vs_sequential": round(results["mixed"]["rps"] / results["sequential"]["rps"], 3),
+        "len100_vs_len1_p50": round(results["k100"]["p50_ms"] / results["k1"]["p50_ms"], 3),
+        "clients": 200,
+        "errors": results["soak"]["errors"] + sum(r["errors"] for k, r in results.items() if k != "soak"),
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
