@@ -8,8 +8,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from softprompt.bank import PromptBank, ensemble
+from softprompt.bank import PromptBank
 from softprompt.data import Example
+from softprompt.ensemble import ensemble
 from softprompt.evaluate import Prediction, predict
 from softprompt.prompt import SoftPrompt
 from softprompt.serve import create_app

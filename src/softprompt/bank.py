@@ -143,22 +143,3 @@ class PromptBank:
             predictions.append(Prediction(labels[int(probabilities.argmax())],
                                           {label: float(p) for label, p in zip(labels, probabilities)}))
         return predictions
-
-
-@dataclass
-class EnsembleAnswer:
-    label: str  # majority vote; ties go to the label with the higher mean probability
-    mean_label: str  # argmax of the mean probabilities
-    scores: dict[str, float]  # mean probabilities
-    votes: dict[str, int]
-
-
-def ensemble(per_prompt: list[Prediction]) -> EnsembleAnswer:
-    """Combine one input's predictions from several prompts of the same task."""
-    labels = list(per_prompt[0].scores)
-    if any(list(p.scores) != labels for p in per_prompt):
-        raise SoftPromptError("ensembled prompts must share the same labels in the same order")
-    mean = {label: sum(p.scores[label] for p in per_prompt) / len(per_prompt) for label in labels}
-    votes = {label: sum(p.label == label for p in per_prompt) for label in labels}
-    vote = max(labels, key=lambda label: (votes[label], mean[label]))
-    return EnsembleAnswer(vote, max(labels, key=mean.get), mean, votes)

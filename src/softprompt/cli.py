@@ -237,6 +237,59 @@ def serve(
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
+@app.command()
+def inspect(
+    prompt: Annotated[Path, typer.Argument(help="A prompt file.")],
+    top: Annotated[int, typer.Option(help="Neighbours per position.")] = 5,
+    model: ModelOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per position.")] = False,
+) -> None:
+    """Nearest vocabulary tokens (cosine) of each prompt position; flags label-word neighbours."""
+    from .interpret import nearest_tokens
+
+    soft_prompt, backbone = _prompt_and_model(prompt, model, "fp32")
+    rows = nearest_tokens(backbone, soft_prompt, top)
+    if as_json:
+        for row in rows:
+            print(json.dumps(row.to_dict()))
+        return
+    table = Table(title=f"{prompt}: nearest tokens of each of {soft_prompt.length} positions")
+    for column in ["pos", "norm", "neighbours (cosine)", "label words"]:
+        table.add_column(column)
+    for row in rows:
+        neighbours = "  ".join(f"{token!r} {sim:.2f}" for token, sim in zip(row.tokens, row.similarities))
+        table.add_row(str(row.position), f"{row.norm:.2f}", neighbours, ", ".join(row.label_words))
+    console.print(table)
+
+
+@app.command()
+def ensemble(
+    prompts: Annotated[list[Path], typer.Option("--prompts", help="Two or more prompt files for one task.")],
+    data: Annotated[str, typer.Option(help="Built-in dataset or JSONL/CSV file.")] = "rotten-tomatoes",
+    split: Annotated[str, typer.Option(help="For built-in datasets: test | validation | train.")] = "test",
+    limit: Annotated[int, typer.Option(help="Score only the first N examples (0: all).")] = 0,
+    model: ModelOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    precision: PrecisionOption = "auto",
+) -> None:
+    """Each prompt's accuracy, and the majority-vote and mean-probability ensembles, in one batched pass."""
+    from .ensemble import evaluate_ensemble
+
+    loaded = {path.stem: SoftPrompt.load(path) for path in prompts}
+    first = next(iter(loaded.values()))
+    backbone = load_model(model or first.base_model, precision)
+    examples = (getattr(load_dataset(data), split) if data in BUILTIN_DATASETS
+                else load_file_examples(data, first.task))
+    report = evaluate_ensemble(backbone, loaded, examples[:limit] if limit else examples)
+    if as_json:
+        print(json.dumps(report.to_dict()))
+        return
+    for name, accuracy in report.per_prompt.items():
+        console.print(f"{name}: accuracy {accuracy:.4f}")
+    console.print(f"[bold]majority vote[/]: {report.majority_vote:.4f}   [bold]mean probability[/]: "
+                  f"{report.mean_probability:.4f}   (n={report.n})")
+
+
 @models_app.callback()
 def models_list(context: typer.Context) -> None:
     """Built-in models: cached or not, size."""

@@ -11,7 +11,8 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
-from ..bank import PromptBank, UnknownPrompt, ensemble
+from ..bank import PromptBank, UnknownPrompt
+from ..ensemble import ensemble
 from ..errors import SoftPromptError
 from .batcher import Batcher
 from .metrics import Metrics
