@@ -124,3 +124,16 @@ def test_file_dataset_holds_out_validation_and_infers_labels(tmp_path):
     dataset = load_dataset(str(path), text_field="sentence")
     assert dataset.task.labels == ["bad", "good"] and dataset.task.template == "{sentence}"
     assert (len(dataset.train), len(dataset.validation)) == (36, 4)
+
+
+def test_builtin_gsm8k_is_a_generation_task():
+    dataset = load_dataset("gsm8k")
+    assert not dataset.task.is_classification and dataset.task.metric == "exact_match"
+    assert (len(dataset.train), len(dataset.validation), len(dataset.test)) == (919, 100, 300)
+    assert all(e.target.strip().lstrip("-").replace(".", "").isdigit() for e in dataset.test)
+
+
+def test_file_generation_task(tmp_path):
+    path = write(tmp_path / "qa.jsonl", json.dumps({"q": "2+2?", "a": "4"}) + "\n")
+    dataset = load_dataset(str(path), template="Q: {q}\nA:", label_field="a", generation=True, valid_fraction=0.0)
+    assert dataset.task.labels is None and dataset.train[0].target == "4"

@@ -117,3 +117,13 @@ def test_bad_optimizer_and_objective(tmp_path, llama_backbone):
     with pytest.raises(SoftPromptError, match="unknown objective 'mse'"):
         train(llama_backbone, TASK, examples(8), examples(4), tmp_path / "q.safetensors", config(objective="mse"),
               show_progress=False)
+
+
+def test_generation_task_trains_on_the_target_text(tmp_path, llama_backbone):
+    task = TaskSpec(name="qa", template="Question: {question}\nAnswer:", labels=None, label_field="answer")
+    rows = [Example({"question": f"what is {i} plus {i}?"}, None, f" {2 * i}", f"row {i}") for i in range(8)]
+    result = train(llama_backbone, task, rows, rows[:4], tmp_path / "qa.safetensors",
+                   config(steps=4, eval_every=2, batch_size=4, optimizer="adamw", lr=0.05), show_progress=False)
+    saved = SoftPrompt.load(tmp_path / "qa.safetensors")
+    assert saved.task.labels is None and saved.training["config"]["objective"] == "lm"
+    assert 0.0 <= result.best_metric <= 1.0 and result.steps_run == 4

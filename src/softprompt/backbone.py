@@ -124,6 +124,11 @@ class Backbone:
         digest.update(weight.numpy().tobytes())
         return digest.hexdigest()[:16]
 
+    @cached_property
+    def newline_ids(self) -> set[int]:
+        """Tokens that contain a line break: generation answers are one line."""
+        return {i for i in range(len(self.tokenizer)) if "\n" in self.tokenizer.decode([i])}
+
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -82,10 +82,11 @@ def train(
     schedule: Annotated[str, typer.Option(help="linear (decay to 0) | constant.")] = TrainConfig.schedule,
     precision: PrecisionOption = "auto",
     baseline: Annotated[bool, typer.Option(help="Score the hand-written template on the test split first.")] = True,
+    generate: Annotated[bool, typer.Option(help="Free-text task: --label-field is the target, exact match.")] = False,
 ) -> None:
     """Train a soft prompt on a frozen model; prints zero-shot and trained test accuracy."""
     dataset = load_dataset(data, valid, test, unescape(template) if template else None, _labels(labels),
-                           text_field, label_field)
+                           text_field, label_field, generation=generate)
     backbone = load_model(model, precision)
     console.print(f"model [bold]{backbone.name}[/], task [bold]{dataset.task.name}[/]: "
                   f"{len(dataset.train)} train / {len(dataset.validation)} validation / {len(dataset.test)} test")
@@ -130,6 +131,7 @@ def eval_command(
     max_length: int = 256,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     precision: PrecisionOption = "auto",
+    generate: Annotated[bool, typer.Option(help="Free-text task: --label-field is the target, exact match.")] = False,
 ) -> None:
     """Accuracy, macro-F1, per-class counts and confusion matrix of a prompt (or the hand-written template)."""
     soft_prompt, backbone = _prompt_and_model(prompt, model, precision)
@@ -137,14 +139,15 @@ def eval_command(
         task = soft_prompt.task
         if data in BUILTIN_DATASETS:
             dataset = load_dataset(data)
-            if dataset.task.labels != task.labels:
+            if dataset.task.labels != task.labels and task.is_classification:
                 raise SoftPromptError(f"prompt {prompt} has labels {task.labels}; {data} has {dataset.task.labels}")
             examples = getattr(dataset, split)
         else:
             examples = load_file_examples(data, task)
     else:
         dataset = load_dataset(data, template=unescape(template) if template else None, labels=_labels(labels),
-                               text_field=text_field, label_field=label_field, valid_fraction=0.0)
+                               text_field=text_field, label_field=label_field, valid_fraction=0.0,
+                               generation=generate)
         task = dataset.task
         examples = getattr(dataset, split) if data in BUILTIN_DATASETS else dataset.train + dataset.validation
     if limit:
@@ -318,7 +321,7 @@ def tasks() -> None:
         table.add_column(column)
     for name in BUILTIN_DATASETS:
         dataset = load_dataset(name)
-        labels = ", ".join(dataset.task.labels)
+        labels = ", ".join(dataset.task.labels) if dataset.task.labels else "(free text, exact match)"
         table.add_row(name, labels if len(labels) < 40 else f"{len(dataset.task.labels)} labels",
                       str(len(dataset.train)), str(len(dataset.validation)), str(len(dataset.test)),
                       repr(dataset.task.template), dataset.notes)

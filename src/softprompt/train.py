@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from transformers.optimization import Adafactor
 from .backbone import Backbone
 from .data import Encoded, Encoder, Example
 from .errors import SoftPromptError
-from .evaluate import classification_report, label_scores, sum_label_tokens
+from .evaluate import classification_report, generate_texts, label_scores, sum_label_tokens
 from .files import write_atomically
 from .initializers import initialize
 from .prompt import SoftPrompt
@@ -124,6 +124,11 @@ def prompt_loss(backbone: Backbone, encoder: Encoder, items: list[Encoded], prom
 
 def validation_metric(backbone: Backbone, encoder: Encoder, items: list[Encoded], prompt: torch.Tensor,
                       task: TaskSpec) -> float:
+    """Accuracy (classification) or exact match of greedy decoding (generation)."""
+    if not task.is_classification:
+        outputs = generate_texts(backbone, encoder, items, prompt.detach(), max_new_tokens=16)
+        targets = [backbone.tokenizer.decode(item.target_ids, skip_special_tokens=True) for item in items]
+        return sum(out.strip() == target.strip() for out, target in zip(outputs, targets)) / len(items)
     scores = label_scores(backbone, encoder, items, prompt.detach().unsqueeze(0))
     return classification_report(task, [i.label for i in items], scores.argmax(1).tolist()).accuracy
 
@@ -140,9 +145,8 @@ def train(
 ) -> TrainResult:
     """Train a soft prompt; the best one (by validation accuracy) is saved to `out` and returned."""
     config = config or TrainConfig()
-    if not task.is_classification:
-        raise SoftPromptError("training currently needs a classification task (labels); generation targets "
-                              "can be evaluated but validation-by-accuracy needs labels")
+    if not task.is_classification and config.objective == "rank":
+        config = replace(config, objective="lm")  # nothing to rank: learn the target text itself
     if not train_examples:
         raise SoftPromptError("the training set is empty")
     out = Path(out)
