@@ -182,3 +182,23 @@ def test_per_prompt_batching_never_mixes_prompts(served):
     assert all(a.status_code == 200 for a in answers)
     assert seen and all(len(names) == 1 for names in seen)
     assert sum(1 for names in seen) < 8  # same-prompt requests still share a pass
+
+
+def test_generate_endpoint(client, served, llama_backbone):
+    from softprompt.evaluate import generate
+
+    bank, _, directory = served
+    task = TaskSpec(name="qa", template="Question: {question}\nAnswer:", labels=None, label_field="answer")
+    prompt = SoftPrompt(torch.randn(3, llama_backbone.d_model), llama_backbone.name, llama_backbone.fingerprint, task)
+    prompt.save(directory / "qa.safetensors")
+    assert client.post("/v1/prompts/reload").json()["added"] == ["qa"]
+    answer = client.post("/v1/generate", json={"prompt": "qa", "inputs": ["what is two plus two?"],
+                                               "max_new_tokens": 5})
+    assert answer.status_code == 200
+    encoder = bank.entry("qa").encoder
+    items = encoder.encode_all([Example({"question": "what is two plus two?"}, None, None, "r")])
+    assert answer.json()["results"][0]["text"] == generate(llama_backbone, encoder, items, prompt, 5)[0]
+    wrong = client.post("/v1/classify", json={"prompt": "qa", "inputs": ["x"]})
+    assert wrong.status_code == 422 and "/v1/generate" in wrong.json()["detail"]
+    wrong = client.post("/v1/generate", json={"prompt": "sentiment", "inputs": ["x"]})
+    assert wrong.status_code == 422 and "classifier" in wrong.json()["detail"]

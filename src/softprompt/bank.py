@@ -17,7 +17,7 @@ import torch
 from .backbone import Backbone, PrefixCache
 from .data import Encoder, Example, scoring_batch
 from .errors import SoftPromptError
-from .evaluate import Prediction
+from .evaluate import Prediction, generate_texts
 from .prompt import SoftPrompt
 
 log = logging.getLogger("softprompt.bank")
@@ -78,8 +78,6 @@ class PromptBank:
                 try:
                     prompt = SoftPrompt.load(path)
                     prompt.check_backbone(self.backbone)
-                    if not prompt.task.is_classification:
-                        raise SoftPromptError("generation prompts are not served yet")
                     prompts[name] = (prompt, stamp)
                 except SoftPromptError as error:
                     rejected[path.name] = str(error)
@@ -124,6 +122,8 @@ class PromptBank:
         entries = []
         for name, fields in requests:
             entry = self.entry(name, snapshot)
+            if not entry.prompt.task.is_classification:
+                raise SoftPromptError(f"prompt {name!r} generates text: use generate (POST /v1/generate)")
             missing = [field for field in entry.prompt.task.fields if field not in fields]
             if missing:
                 raise SoftPromptError(f"prompt {name!r} needs field {missing[0]!r} (template fields: "
@@ -143,3 +143,12 @@ class PromptBank:
             predictions.append(Prediction(labels[int(probabilities.argmax())],
                                           {label: float(p) for label, p in zip(labels, probabilities)}))
         return predictions
+
+    @torch.inference_mode()
+    def generate(self, name: str, rows: list[dict[str, str]], max_new_tokens: int = 64) -> list[str]:
+        """Greedy one-line answers from a generation prompt, one input at a time."""
+        entry = self.entry(name)
+        if entry.prompt.task.is_classification:
+            raise SoftPromptError(f"prompt {name!r} is a classifier: use classify (POST /v1/classify)")
+        items = [entry.encoder.encode(Example(fields, None, None, "request")) for fields in rows]
+        return generate_texts(self.backbone, entry.encoder, items, entry.prompt.embeddings, max_new_tokens)

@@ -25,6 +25,12 @@ class ClassifyRequest(BaseModel):
     inputs: list[Input] = Field(min_length=1)
 
 
+class GenerateRequest(BaseModel):
+    prompt: str
+    inputs: list[Input] = Field(min_length=1)
+    max_new_tokens: int = Field(64, ge=1, le=512)
+
+
 class EnsembleRequest(BaseModel):
     prompts: list[str] = Field(min_length=1)
     inputs: list[Input] = Field(min_length=1)
@@ -122,9 +128,21 @@ def create_app(bank: PromptBank, api_key: str | None = None, max_batch: int = 32
     async def classify(request: ClassifyRequest) -> dict:
         check_batch(len(request.inputs))
         fields = rows(request.prompt, request.inputs)
+        if not bank.entry(request.prompt).prompt.task.is_classification:
+            raise HTTPException(422, f"prompt {request.prompt!r} generates text: use POST /v1/generate")
         predictions = await run([(request.prompt, row) for row in fields])
         return {"prompt": request.prompt,
                 "results": [{"label": p.label, "scores": p.scores} for p in predictions]}
+
+    @app.post("/v1/generate", dependencies=[Depends(authorize)])
+    async def generate(request: GenerateRequest) -> dict:
+        check_batch(len(request.inputs))
+        fields = rows(request.prompt, request.inputs)
+        try:  # greedy decoding is sequential per input: it runs beside the batcher, not in it
+            texts = await asyncio.to_thread(bank.generate, request.prompt, fields, request.max_new_tokens)
+        except SoftPromptError as error:
+            raise HTTPException(422, str(error)) from None
+        return {"prompt": request.prompt, "results": [{"text": text} for text in texts]}
 
     @app.post("/v1/ensemble", dependencies=[Depends(authorize)])
     async def ensemble_endpoint(request: EnsembleRequest) -> dict:
