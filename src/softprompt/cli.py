@@ -293,6 +293,51 @@ def ensemble(
                   f"{report.mean_probability:.4f}   (n={report.n})")
 
 
+@app.command()
+def export(
+    prompt: Annotated[Path, typer.Argument(help="A prompt file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter directory to write.")],
+    format: Annotated[str, typer.Option(help="peft (a PROMPT_TUNING adapter directory) | npy.")] = "peft",
+) -> None:
+    """Write a prompt for another tool: a PEFT adapter directory or the paper's [K, d] .npy array."""
+    from .interop import export_peft
+
+    soft_prompt = SoftPrompt.load(prompt)
+    if format == "peft":
+        export_peft(soft_prompt, out)
+    elif format == "npy":
+        import numpy as np
+
+        from .files import write_atomically
+
+        write_atomically(out, lambda tmp: np.save(open(tmp, "wb"), soft_prompt.embeddings.numpy()))
+    else:
+        raise SoftPromptError(f"unknown export format {format!r}; choose peft or npy")
+    console.print(f"wrote {out}")
+
+
+@app.command("import")
+def import_command(
+    source: Annotated[Path, typer.Argument(help="A PEFT prompt-tuning adapter directory or a .npy array.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Prompt file to write.")],
+    template: Annotated[str, typer.Option(help="The task's template (the source carries none).")],
+    labels: Annotated[str, typer.Option(help="Comma-separated labels.")],
+    model: ModelOption = None,
+) -> None:
+    """Turn a PEFT adapter or a paper .npy prompt into a softprompt prompt file (shape checked)."""
+    from .interop import import_npy, import_peft
+    from .tasks import TaskSpec
+
+    task = TaskSpec(name=source.stem, template=unescape(template), labels=_labels(labels))
+    backbone = load_model(model, "fp32")
+    if source.suffix == ".npy":
+        soft_prompt = import_npy(source, backbone, task)
+    else:
+        soft_prompt = import_peft(source, backbone, task)
+    soft_prompt.save(out)
+    console.print(f"wrote {out} (K={soft_prompt.length}, model {backbone.name})")
+
+
 @models_app.callback()
 def models_list(context: typer.Context) -> None:
     """Built-in models: cached or not, size."""

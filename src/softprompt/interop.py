@@ -1,0 +1,95 @@
+"""Prompts in and out of other tools: PEFT prompt-tuning adapters and the paper's `.npy` prompt arrays.
+
+PEFT puts its virtual tokens before everything, softprompt puts them after BOS: for models whose tokenizer adds
+no BOS (SmolLM2, Qwen2.5) the two are the same computation; for BOS models (Gemma) an exported prompt sees the
+BOS after itself under PEFT, so scores differ.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .backbone import Backbone
+from .errors import SoftPromptError
+from .prompt import SoftPrompt
+from .tasks import TaskSpec
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+
+
+def export_peft(prompt: SoftPrompt, directory: str | Path, backbone: Backbone | None = None) -> Path:
+    """Write a PEFT PROMPT_TUNING adapter directory (config + `prompt_embeddings`), atomically."""
+    directory = Path(directory)
+    config = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": prompt.length,
+        "token_dim": prompt.embeddings.shape[1],
+        "num_transformer_submodules": 1,
+        "prompt_tuning_init": "RANDOM",
+        "base_model_name_or_path": prompt.base_model,
+        "inference_mode": True,
+    }
+    if backbone is not None:
+        config["num_layers"] = backbone.model.config.num_hidden_layers
+        config["num_attention_heads"] = backbone.model.config.num_attention_heads
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        save_file({"prompt_embeddings": prompt.embeddings.float().contiguous()}, str(staging / PEFT_WEIGHTS))
+        (staging / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
+        if directory.exists():
+            shutil.rmtree(directory)
+        staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def import_peft(directory: str | Path, backbone: Backbone, task: TaskSpec) -> SoftPrompt:
+    """Read a PEFT prompt-tuning adapter; PEFT files carry no task, so the caller gives one."""
+    directory = Path(directory)
+    config_path = directory / PEFT_CONFIG
+    if not config_path.is_file():
+        raise SoftPromptError(f"{directory} is not a PEFT adapter directory (no {PEFT_CONFIG})")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type") != "PROMPT_TUNING":
+        raise SoftPromptError(f"{directory} holds a PEFT {config.get('peft_type')} adapter; only PROMPT_TUNING "
+                              "adapters are soft prompts")
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise SoftPromptError(f"{directory}: encoder-decoder adapters (num_transformer_submodules="
+                              f"{config['num_transformer_submodules']}) are not supported")
+    weights = directory / PEFT_WEIGHTS
+    if not weights.is_file():
+        raise SoftPromptError(f"{directory} has no {PEFT_WEIGHTS} (only safetensors adapters are read, no pickle)")
+    embeddings = load_file(str(weights)).get("prompt_embeddings")
+    if embeddings is None:
+        raise SoftPromptError(f"{weights} has no 'prompt_embeddings' tensor")
+    return _prompt(embeddings, backbone, task, f"peft:{directory.name}", str(directory))
+
+
+def import_npy(path: str | Path, backbone: Backbone, task: TaskSpec) -> SoftPrompt:
+    """The paper's code saves prompts as a [K, d] numpy array."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise SoftPromptError(f"{path} is not a readable .npy array: {error}") from None
+    return _prompt(torch.from_numpy(np.asarray(array, dtype=np.float32)), backbone, task, f"npy:{Path(path).name}",
+                   str(path))
+
+
+def _prompt(embeddings: torch.Tensor, backbone: Backbone, task: TaskSpec, init: str, source: str) -> SoftPrompt:
+    if embeddings.ndim != 2 or embeddings.shape[1] != backbone.d_model:
+        raise SoftPromptError(f"{source}: prompt has shape {list(embeddings.shape)}, but {backbone.name!r} needs "
+                              f"[K, {backbone.d_model}]")
+    return SoftPrompt(embeddings.float(), backbone.name, backbone.fingerprint, task, init=init,
+                      training={"imported_from": source})
