@@ -98,7 +98,8 @@ def test_fingerprint_identifies_the_embedding_matrix():
 def test_greedy_generation_matches_full_forward(llama_backbone):
     ids = llama_backbone.tokenize("Question: what is two plus two?\nAnswer:")
     prompt = torch.randn(3, llama_backbone.d_model)
-    generated = llama_backbone.generate(ids, prompt, max_new_tokens=5, stop_ids=set())
+    prefix = llama_backbone.prompt_key_values(prompt.unsqueeze(0))
+    generated = llama_backbone.generate(ids, prefix, max_new_tokens=5, stop_ids=set())
     sequence = list(ids)
     with torch.no_grad():
         for _ in range(5):

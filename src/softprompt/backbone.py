@@ -157,6 +157,30 @@ class Backbone:
             output = self.body(inputs_embeds=prefix, position_ids=positions, use_cache=True)
         return PrefixCache([(layer.keys, layer.values) for layer in output.past_key_values.layers], mask, lengths)
 
+    @cached_property
+    def key_value_shape(self) -> tuple[int, int, int]:
+        """(layers, kv_heads, head_dim) of the cache, read off a one-token run (works for any architecture)."""
+        with torch.no_grad():
+            layers = self.prompt_key_values(torch.zeros(1, 1, self.d_model, device=self.device)).layers
+        return len(layers), layers[0][0].shape[1], layers[0][0].shape[3]
+
+    def prefix_from_key_values(self, prefix: Tensor) -> PrefixCache:
+        """A PrefixCache from learned per-layer keys/values [P, layers, 2, kv_heads, K, head_dim] (deep prompts),
+        after BOS's own keys/values when the tokenizer uses a BOS."""
+        count, length = prefix.shape[0], prefix.shape[4]
+        bos = self.prompt_key_values(None)
+        layers = []
+        for index in range(prefix.shape[1]):
+            keys, values = prefix[:, index, 0], prefix[:, index, 1]
+            if bos.width:
+                bos_keys, bos_values = bos.layers[index]
+                keys = torch.cat([bos_keys.expand(count, -1, -1, -1).to(keys.dtype), keys], dim=2)
+                values = torch.cat([bos_values.expand(count, -1, -1, -1).to(values.dtype), values], dim=2)
+            layers.append((keys, values))
+        width = bos.width + length
+        mask = torch.ones(count, width, dtype=torch.long, device=self.device)
+        return PrefixCache(layers, mask, torch.full((count,), width, dtype=torch.long, device=self.device))
+
     def target_logprobs(
         self,
         batch: TokenBatch,
@@ -215,11 +239,10 @@ class Backbone:
         return logits.log_softmax(-1).gather(1, batch.target_ids.to(self.device).unsqueeze(1)).squeeze(1)
 
     @torch.no_grad()
-    def generate(self, ids: list[int], prompt: Tensor | None, max_new_tokens: int, stop_ids: set[int]) -> list[int]:
-        """Greedy decoding of one input after BOS + prompt; stops at any of `stop_ids`."""
-        prefix = self.prompt_key_values(None if prompt is None else prompt.unsqueeze(0))
+    def generate(self, ids: list[int], prefix: PrefixCache, max_new_tokens: int, stop_ids: set[int]) -> list[int]:
+        """Greedy decoding of one input after a one-prompt prefix (BOS + prompt); stops at any of `stop_ids`."""
         cache = DynamicCache(ddp_cache_data=prefix.layers or None, config=self.model.config)
-        prefix_length = prefix.width
+        prefix_length = int(prefix.lengths[0])
         step_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         position = prefix_length
         generated: list[int] = []

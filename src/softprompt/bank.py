@@ -105,8 +105,7 @@ class PromptBank:
         for index, (name, (prompt, stamp)) in enumerate(prompts.items()):
             encoder = Encoder(self.backbone, prompt.task, self.max_input_tokens)
             entries[name] = Entry(name, prompt, encoder, index, stamp)
-            embeddings = prompt.embeddings.to(self.backbone.device).unsqueeze(0)
-            caches.append(self.backbone.prompt_key_values(embeddings))
+            caches.append(prompt.prefix_cache(self.backbone))
         return Snapshot(entries, PrefixCache.stack(caches) if caches else None, rejected)
 
     def entry(self, name: str, snapshot: Snapshot | None = None) -> Entry:
@@ -151,4 +150,5 @@ class PromptBank:
         if entry.prompt.task.is_classification:
             raise SoftPromptError(f"prompt {name!r} is a classifier: use classify (POST /v1/classify)")
         items = [entry.encoder.encode(Example(fields, None, None, "request")) for fields in rows]
-        return generate_texts(self.backbone, entry.encoder, items, entry.prompt.embeddings, max_new_tokens)
+        return generate_texts(self.backbone, entry.encoder, items, entry.prompt.prefix_cache(self.backbone),
+                              max_new_tokens)

@@ -83,6 +83,8 @@ def train(
     precision: PrecisionOption = "auto",
     baseline: Annotated[bool, typer.Option(help="Score the hand-written template on the test split first.")] = True,
     generate: Annotated[bool, typer.Option(help="Free-text task: --label-field is the target, exact match.")] = False,
+    method: Annotated[str, typer.Option(help="prompt (input embeddings) | prefix (keys/values at every layer).")]
+    = TrainConfig.method,
 ) -> None:
     """Train a soft prompt on a frozen model; prints zero-shot and trained test accuracy."""
     dataset = load_dataset(data, valid, test, unescape(template) if template else None, _labels(labels),
@@ -95,7 +97,8 @@ def train(
         _show_report(zero_shot, f"hand-written prompt {dataset.task.template!r} on test")
     config = TrainConfig(prompt_length=prompt_length, init=init, optimizer=optimizer, lr=lr, batch_size=batch_size,
                          steps=steps, eval_every=eval_every, patience=patience, valid_limit=valid_limit or None,
-                         max_input_tokens=max_length, seed=seed, path=path, objective=objective, schedule=schedule)
+                         max_input_tokens=max_length, seed=seed, path=path, objective=objective, schedule=schedule,
+                         method=method)
     result = train_prompt(backbone, dataset.task, dataset.train, dataset.validation, out, config, resume=resume)
     console.print(f"best validation accuracy {result.best_metric:.4f} at step {result.best_step} "
                   f"({result.steps_run} steps{', stopped early' if result.stopped_early else ''})")
@@ -309,7 +312,9 @@ def export(
         import numpy as np
 
         from .files import write_atomically
+        from .interop import require_input_prompt
 
+        require_input_prompt(soft_prompt, "a .npy prompt array")
         write_atomically(out, lambda tmp: np.save(open(tmp, "wb"), soft_prompt.embeddings.numpy()))
     else:
         raise SoftPromptError(f"unknown export format {format!r}; choose peft or npy")

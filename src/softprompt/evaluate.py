@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .backbone import Backbone
+from .backbone import Backbone, PrefixCache
 from .data import Encoded, Encoder, Example, scoring_batch
 from .prompt import SoftPrompt
 from .tasks import TaskSpec
@@ -46,12 +46,14 @@ def label_scores(
     prompts: torch.Tensor | None = None,
     prompt_index: torch.Tensor | None = None,
     batch_size: int = 32,
+    prompt_kv: PrefixCache | None = None,
 ) -> torch.Tensor:
-    """[n, num_labels] summed log-probs. `prompts` is [P, K, d]; `prompt_index` [n] picks one per item."""
+    """[n, num_labels] summed log-probs. `prompts` is [P, K, d] (or give their `prompt_kv`); `prompt_index` [n]
+    picks one per item."""
     num_labels = len(encoder.label_ids)
     scores = torch.empty(len(items), num_labels)
     # The prompt's keys/values are the same for every item: compute them once for the whole run.
-    prompt_kv = backbone.prompt_key_values(prompts)
+    prompt_kv = prompt_kv if prompt_kv is not None else backbone.prompt_key_values(prompts)
     for indices in length_sorted_batches(items, batch_size):
         batch, groups, owners = scoring_batch([(encoder.label_ids, items[i]) for i in indices], backbone.pad_id)
         index = None if prompt_index is None else prompt_index[indices][owners]
@@ -107,24 +109,28 @@ def evaluate(
         outputs = generate(backbone, encoder, items, prompt, max_new_tokens)
         matches = [out.strip() == ex.target.strip() for out, ex in zip(outputs, examples)]
         return Report(task.name, len(items), "exact_match", sum(matches) / len(matches), truncated=truncated)
-    prompts = None if prompt is None else prompt.embeddings.unsqueeze(0).to(backbone.device)
-    scores = label_scores(backbone, encoder, items, prompts, batch_size=batch_size)
+    scores = label_scores(backbone, encoder, items, batch_size=batch_size, prompt_kv=prefix_of(backbone, prompt))
     return classification_report(task, [item.label for item in items], scores.argmax(1).tolist(), truncated)
 
 
 def generate(backbone: Backbone, encoder: Encoder, items: list[Encoded], prompt: SoftPrompt | None,
              max_new_tokens: int) -> list[str]:
     """Greedy decoding; stops at EOS or a newline."""
-    return generate_texts(backbone, encoder, items, None if prompt is None else prompt.embeddings, max_new_tokens)
+    return generate_texts(backbone, encoder, items, prefix_of(backbone, prompt), max_new_tokens)
 
 
-def generate_texts(backbone: Backbone, encoder: Encoder, items: list[Encoded], embeddings: torch.Tensor | None,
+@torch.no_grad()
+def prefix_of(backbone: Backbone, prompt: SoftPrompt | None) -> PrefixCache:
+    """The keys/values runs start from: BOS alone for the hand-written template, else BOS + the prompt."""
+    return backbone.prompt_key_values(None) if prompt is None else prompt.prefix_cache(backbone)
+
+
+def generate_texts(backbone: Backbone, encoder: Encoder, items: list[Encoded], prefix: PrefixCache,
                    max_new_tokens: int) -> list[str]:
     stop = set(encoder.eos_ids) | set(backbone.tokenizer.all_special_ids) | backbone.newline_ids
-    embeddings = None if embeddings is None else embeddings.to(backbone.device)
     texts = []
     for item in items:
-        ids = backbone.generate(item.input_ids, embeddings, max_new_tokens, stop)
+        ids = backbone.generate(item.input_ids, prefix, max_new_tokens, stop)
         texts.append(backbone.tokenizer.decode(ids).split("\n")[0])
     return texts
 
@@ -144,8 +150,8 @@ def predict(backbone: Backbone, prompt: SoftPrompt | None, examples: list[Exampl
     items = encoder.encode_all(examples)
     if not task.is_classification:
         return [Prediction(text, {}) for text in generate(backbone, encoder, items, prompt, 64)]
-    prompts = None if prompt is None else prompt.embeddings.unsqueeze(0).to(backbone.device)
-    probabilities = label_scores(backbone, encoder, items, prompts, batch_size=batch_size).softmax(1)
+    scores = label_scores(backbone, encoder, items, batch_size=batch_size, prompt_kv=prefix_of(backbone, prompt))
+    probabilities = scores.softmax(1)
     return [
         Prediction(task.labels[int(row.argmax())], {label: float(p) for label, p in zip(task.labels, row)})
         for row in probabilities

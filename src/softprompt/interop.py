@@ -27,6 +27,7 @@ PEFT_CONFIG = "adapter_config.json"
 
 def export_peft(prompt: SoftPrompt, directory: str | Path, backbone: Backbone | None = None) -> Path:
     """Write a PEFT PROMPT_TUNING adapter directory (config + `prompt_embeddings`), atomically."""
+    require_input_prompt(prompt, "a PEFT prompt-tuning adapter")
     directory = Path(directory)
     config = {
         "peft_type": "PROMPT_TUNING",
@@ -93,3 +94,8 @@ def _prompt(embeddings: torch.Tensor, backbone: Backbone, task: TaskSpec, init: 
                               f"[K, {backbone.d_model}]")
     return SoftPrompt(embeddings.float(), backbone.name, backbone.fingerprint, task, init=init,
                       training={"imported_from": source})
+
+
+def require_input_prompt(prompt: SoftPrompt, what: str) -> None:
+    if prompt.method != "prompt":
+        raise SoftPromptError(f"{what} holds input embeddings; this is a {prompt.method} (deep) prompt")

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .backbone import Backbone
+from .interop import require_input_prompt
 from .prompt import SoftPrompt
 
 
@@ -40,6 +41,7 @@ def token_embedding_table(backbone: Backbone, chunk: int = 8192) -> torch.Tensor
 @torch.no_grad()
 def nearest_tokens(backbone: Backbone, prompt: SoftPrompt, top: int = 5) -> list[PositionNeighbours]:
     prompt.check_backbone(backbone)
+    require_input_prompt(prompt, "nearest-token inspection")
     table = torch.nn.functional.normalize(token_embedding_table(backbone), dim=1)
     vectors = prompt.embeddings.float()
     similarity = torch.nn.functional.normalize(vectors, dim=1) @ table.T

@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .backbone import Backbone
+from .backbone import Backbone, PrefixCache
 from .errors import SoftPromptError
 from .files import write_atomically
 from .tasks import TaskSpec
@@ -18,18 +18,57 @@ from .tasks import TaskSpec
 FORMAT = "softprompt/1"
 
 
+METHODS = ("prompt", "prefix")
+
+
+def prefix_cache(backbone: Backbone, tensor: torch.Tensor, method: str) -> PrefixCache:
+    """Keys/values of BOS + one prompt: run the model over input embeddings ("prompt"), or take learned per-layer
+    keys/values as they are ("prefix"). Differentiable, so training uses it too."""
+    if method == "prefix":
+        return backbone.prefix_from_key_values(tensor.unsqueeze(0))
+    if method == "prompt":
+        return backbone.prompt_key_values(tensor.unsqueeze(0))
+    raise SoftPromptError(f"unknown method {method!r}; choose {' or '.join(METHODS)}")
+
+
+@torch.no_grad()
+def prefix_from_embeddings(backbone: Backbone, embeddings: torch.Tensor) -> torch.Tensor:
+    """[layers, 2, kv_heads, K, head_dim]: the keys/values an input-embedding prompt produces at every layer, so a
+    deep prompt starts exactly where the shallow one would."""
+    cache = backbone.prompt_key_values(embeddings.to(backbone.device).unsqueeze(0))
+    skip = len(backbone.bos_ids)
+    return torch.stack([torch.stack([k[0, :, skip:], v[0, :, skip:]]) for k, v in cache.layers]).float()
+
+
 @dataclass
 class SoftPrompt:
-    embeddings: torch.Tensor  # [K, d], float32
+    """Method "prompt": `embeddings` [K, d] in front of the input (Lester et al.). Method "prefix" (deep prompts,
+    prefix-tuning / P-tuning v2): `prefix` [layers, 2, kv_heads, K, head_dim], learned keys/values at every layer."""
+
+    embeddings: torch.Tensor | None  # [K, d], float32
     base_model: str
     fingerprint: str
     task: TaskSpec
     init: str = "class-label"
     training: dict = field(default_factory=dict)
+    prefix: torch.Tensor | None = None
+
+    @property
+    def method(self) -> str:
+        return "prefix" if self.prefix is not None else "prompt"
 
     @property
     def length(self) -> int:
-        return self.embeddings.shape[0]
+        return self.prefix.shape[3] if self.prefix is not None else self.embeddings.shape[0]
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The trained tensor, whichever the method."""
+        return self.prefix if self.prefix is not None else self.embeddings
+
+    def prefix_cache(self, backbone: Backbone) -> PrefixCache:
+        """BOS + this prompt's keys/values for `backbone`, ready for Backbone.target_logprobs(prompt_kv=...)."""
+        return prefix_cache(backbone, self.tensor.to(backbone.device), self.method)
 
     def metadata(self) -> dict:
         return {
@@ -38,16 +77,18 @@ class SoftPrompt:
             "fingerprint": self.fingerprint,
             "task": self.task.to_dict(),
             "init": self.init,
+            "method": self.method,
             "length": self.length,
-            "d_model": self.embeddings.shape[1],
+            "shape": list(self.tensor.shape),
             "training": self.training,
         }
 
     def save(self, path: str | Path) -> Path:
         """Write atomically: an interrupted save leaves the previous file intact."""
-        tensor = self.embeddings.detach().float().cpu().contiguous()
+        tensor = self.tensor.detach().float().cpu().contiguous()
         header = {"format": FORMAT, "softprompt": json.dumps(self.metadata())}
-        return write_atomically(path, lambda tmp: save_file({"prompt": tensor}, str(tmp), metadata=header))
+        key = "prefix" if self.prefix is not None else "prompt"
+        return write_atomically(path, lambda tmp: save_file({key: tensor}, str(tmp), metadata=header))
 
     @classmethod
     def load(cls, path: str | Path) -> SoftPrompt:
@@ -63,17 +104,21 @@ class SoftPrompt:
         except (SafetensorError, OSError, ValueError) as error:
             raise SoftPromptError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") \
                 from None
-        if header.get("format") != FORMAT or "prompt" not in tensors:
+        if header.get("format") != FORMAT or not ({"prompt", "prefix"} & set(tensors)):
             raise SoftPromptError(
                 f"{path} is a safetensors file but not a softprompt prompt file (format {header.get('format')!r}, "
-                f"expected {FORMAT!r} with a 'prompt' tensor)"
+                f"expected {FORMAT!r} with a 'prompt' or 'prefix' tensor)"
             )
         meta = json.loads(header["softprompt"])
-        embeddings = tensors["prompt"]
-        if embeddings.ndim != 2:
+        embeddings, prefix = tensors.get("prompt"), tensors.get("prefix")
+        if embeddings is not None and embeddings.ndim != 2:
             raise SoftPromptError(f"{path}: prompt tensor must be [K, d], found shape {list(embeddings.shape)}")
+        if prefix is not None and (prefix.ndim != 5 or prefix.shape[1] != 2):
+            raise SoftPromptError(f"{path}: prefix tensor must be [layers, 2, kv_heads, K, head_dim], found shape "
+                                  f"{list(prefix.shape)}")
         return cls(
             embeddings=embeddings,
+            prefix=prefix,
             base_model=meta["base_model"],
             fingerprint=meta["fingerprint"],
             task=TaskSpec.from_dict(meta["task"]),
@@ -83,7 +128,13 @@ class SoftPrompt:
 
     def check_backbone(self, backbone: Backbone) -> None:
         """Refuse to run on a model other than the one the prompt was trained on."""
-        if self.embeddings.shape[1] != backbone.d_model:
+        if self.prefix is not None:
+            layers, heads, head_dim = backbone.key_value_shape
+            expected = [layers, 2, heads, self.length, head_dim]
+            if list(self.prefix.shape) != expected:
+                raise SoftPromptError(f"prefix prompt trained on {self.base_model!r} has shape "
+                                      f"{list(self.prefix.shape)}; {backbone.name!r} needs {expected}")
+        elif self.embeddings.shape[1] != backbone.d_model:
             raise SoftPromptError(
                 f"prompt was trained on {self.base_model!r} (d={self.embeddings.shape[1]}) but the loaded model "
                 f"{backbone.name!r} has d={backbone.d_model}"

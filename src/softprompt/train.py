@@ -25,7 +25,7 @@ from .errors import SoftPromptError
 from .evaluate import classification_report, generate_texts, label_scores, sum_label_tokens
 from .files import write_atomically
 from .initializers import initialize
-from .prompt import SoftPrompt
+from .prompt import SoftPrompt, prefix_cache, prefix_from_embeddings
 from .tasks import TaskSpec
 
 DEFAULT_LR = {"adamw": 0.01, "adafactor": 0.3}  # adafactor: the paper preset (see README, "Defaults")
@@ -47,6 +47,7 @@ class TrainConfig:
     seed: int = 0
     path: str = "cached"  # "cached" prompt keys/values, or the "concat" reference
     schedule: str = "linear"  # learning rate: "linear" decay to 0 over `steps`, or "constant"
+    method: str = "prompt"  # "prompt": input embeddings (the paper); "prefix": keys/values at every layer
     objective: str = "rank"  # "rank": cross-entropy over the labels' scores; "lm": label tokens' NLL (paper)
 
     @property
@@ -104,32 +105,38 @@ def batch_for_step(items: list[Encoded], config: TrainConfig, step: int) -> list
 
 
 def prompt_loss(backbone: Backbone, encoder: Encoder, items: list[Encoded], prompt: torch.Tensor,
-                path: str = "cached", objective: str = "rank") -> torch.Tensor:
+                path: str = "cached", objective: str = "rank", method: str = "prompt") -> torch.Tensor:
     """Loss on the label tokens only, mean over examples.
 
     "lm": negative log-likelihood of the gold label's tokens over the whole vocabulary (the paper's objective).
     "rank": cross-entropy over the labels' summed log-probs, i.e. exactly what rank classification decides on.
     """
+    if objective not in ("rank", "lm"):
+        raise SoftPromptError(f"unknown objective {objective!r}; choose rank or lm")
+    if method == "prompt":
+        inputs = {"prompts": prompt.unsqueeze(0), "path": path}
+    else:  # deep prompts are keys/values already: there is nothing to concatenate
+        inputs = {"prompt_kv": prefix_cache(backbone, prompt, method)}
     if objective == "lm":
         batch = encoder.training_batch(items)
-        return -backbone.target_logprobs(batch, prompt.unsqueeze(0), path=path).sum() / len(items)
-    if objective != "rank":
-        raise SoftPromptError(f"unknown objective {objective!r}; choose rank or lm")
+        return -backbone.target_logprobs(batch, **inputs).sum() / len(items)
     batch, groups = encoder.scoring_batch(items)
-    logprobs = backbone.target_logprobs(batch, prompt.unsqueeze(0), path=path)
+    logprobs = backbone.target_logprobs(batch, **inputs)
     scores = sum_label_tokens(logprobs, groups, len(items), len(encoder.label_ids))
     gold = torch.tensor([item.label for item in items], device=scores.device)
     return torch.nn.functional.cross_entropy(scores, gold)
 
 
+@torch.no_grad()
 def validation_metric(backbone: Backbone, encoder: Encoder, items: list[Encoded], prompt: torch.Tensor,
-                      task: TaskSpec) -> float:
+                      task: TaskSpec, method: str = "prompt") -> float:
     """Accuracy (classification) or exact match of greedy decoding (generation)."""
+    prefix = prefix_cache(backbone, prompt.detach(), method)
     if not task.is_classification:
-        outputs = generate_texts(backbone, encoder, items, prompt.detach(), max_new_tokens=16)
+        outputs = generate_texts(backbone, encoder, items, prefix, max_new_tokens=16)
         targets = [backbone.tokenizer.decode(item.target_ids, skip_special_tokens=True) for item in items]
         return sum(out.strip() == target.strip() for out, target in zip(outputs, targets)) / len(items)
-    scores = label_scores(backbone, encoder, items, prompt.detach().unsqueeze(0))
+    scores = label_scores(backbone, encoder, items, prompt_kv=prefix)
     return classification_report(task, [i.label for i in items], scores.argmax(1).tolist()).accuracy
 
 
@@ -160,6 +167,10 @@ def train(
         raise SoftPromptError("the validation set is empty")
 
     initial = initialize(config.init, backbone, config.prompt_length, task, config.seed).to(backbone.device)
+    if config.method == "prefix":
+        initial = prefix_from_embeddings(backbone, initial)
+    elif config.method != "prompt":
+        raise SoftPromptError(f"unknown method {config.method!r}; choose prompt or prefix")
     prompt = torch.nn.Parameter(initial.clone())
     optimizer = make_optimizer(config, prompt)
     state = {"step": 0, "best_metric": -1.0, "best_step": 0, "bad_evals": 0, "history": []}
@@ -173,7 +184,7 @@ def train(
     scheduler = make_schedule(config, optimizer, start_step=state["step"])
 
     if state["step"] == 0 and state["best_metric"] < 0:
-        state["best_metric"] = validation_metric(backbone, encoder, valid_items, prompt, task)
+        state["best_metric"] = validation_metric(backbone, encoder, valid_items, prompt, task, config.method)
         _log(log_path, state, {"step": 0, "valid_accuracy": state["best_metric"], "elapsed_s": 0.0})
 
     started = time.perf_counter() - state.get("elapsed_s", 0.0)
@@ -186,7 +197,7 @@ def train(
         while state["step"] < config.steps:
             indices = batch_for_step(train_items, config, state["step"])
             loss = prompt_loss(backbone, encoder, [train_items[i] for i in indices], prompt, config.path,
-                               config.objective)
+                               config.objective, config.method)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -196,7 +207,7 @@ def train(
             running_count += 1
             progress.update(bar, advance=1, description=_status(state, running_loss / running_count))
             if state["step"] % config.eval_every == 0 or state["step"] == config.steps:
-                metric = validation_metric(backbone, encoder, valid_items, prompt, task)
+                metric = validation_metric(backbone, encoder, valid_items, prompt, task, config.method)
                 if metric > state["best_metric"]:
                     state.update(best_metric=metric, best_step=state["step"], bad_evals=0)
                     best = prompt.detach().clone()
@@ -213,7 +224,8 @@ def train(
                     break
 
     result_prompt = SoftPrompt(
-        embeddings=best.cpu(),
+        embeddings=best.cpu() if config.method == "prompt" else None,
+        prefix=best.cpu() if config.method == "prefix" else None,
         base_model=backbone.name,
         fingerprint=backbone.fingerprint,
         task=task,
