@@ -67,3 +67,14 @@ def test_interrupted_save_keeps_previous_file(tmp_path, llama_backbone, monkeypa
         make_prompt(llama_backbone).save(path)
     torch.testing.assert_close(SoftPrompt.load(path).embeddings, first.embeddings)
     assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]  # no temp file left behind
+
+
+def test_saved_file_has_ordinary_permissions(tmp_path, llama_backbone):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        path = make_prompt(llama_backbone).save(tmp_path / "p.safetensors")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -17,6 +17,7 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved prompt should look like any other file
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -26,3 +27,9 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 def write_text_atomically(path: str | Path, text: str) -> Path:
     return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
