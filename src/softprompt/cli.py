@@ -343,6 +343,38 @@ def import_command(
     console.print(f"wrote {out} (K={soft_prompt.length}, model {backbone.name})")
 
 
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+@app.command()
+def sweep(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Results prefix: writes .jsonl, .md, .png.")],
+    models: Annotated[str, typer.Option(help="Comma-separated model names.")] = "smollm2-135m",
+    methods: Annotated[str, typer.Option(help="Comma-separated: prompt, prefix.")] = "prompt",
+    lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths.")] = "1,5,20,100",
+    inits: Annotated[str, typer.Option(help="Comma-separated inits.")] = "class-label,vocab,uniform",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
+    data: Annotated[str, typer.Option(help="Built-in dataset or JSONL/CSV file.")] = "rotten-tomatoes",
+    steps: int = TrainConfig.steps,
+    eval_every: int = TrainConfig.eval_every,
+    valid_limit: int = TrainConfig.valid_limit,
+    test_limit: Annotated[int, typer.Option(help="Test examples per cell (0: all).")] = 0,
+    precision: PrecisionOption = "auto",
+) -> None:
+    """Grid over model x method x length x init x seed; resumable (finished cells are skipped)."""
+    from .sweep import grid, run_sweep
+
+    cells = grid(_csv(models), _csv(methods), [int(x) for x in _csv(lengths)], _csv(inits),
+                 [int(x) for x in _csv(seeds)])
+    dataset = load_dataset(data)
+    base = TrainConfig(steps=steps, eval_every=eval_every, valid_limit=valid_limit or None)
+    rows = run_sweep(cells, dataset, out, base, test_limit or None, load=lambda name: load_model(name, precision),
+                     progress=console.print)
+    console.print(f"{len(rows)} cells in {out.with_suffix('.jsonl')}; table {out.with_suffix('.md')}, "
+                  f"plot {out.with_suffix('.png')}")
+
+
 @models_app.callback()
 def models_list(context: typer.Context) -> None:
     """Built-in models: cached or not, size."""

@@ -1,0 +1,132 @@
+"""Sweeps: a grid over model x method x prompt length x init x seed, resumable, with a table and a plot.
+
+Each finished cell is appended to `<out>.jsonl` at once, so an interrupted sweep resumes where it stopped
+(finished cells are skipped). `<out>.md` (table) and `<out>.png` (test accuracy against prompt length, one line
+per model/method/init, mean over seeds) are rewritten after every cell.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .backbone import Backbone, load_model
+from .data import Dataset
+from .evaluate import evaluate
+from .files import write_text_atomically
+from .train import TrainConfig, train
+
+KEYS = ("model", "method", "length", "init", "seed")
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    method: str
+    length: int
+    init: str
+    seed: int
+
+
+def grid(models: list[str], methods: list[str], lengths: list[int], inits: list[str], seeds: list[int]) -> list[Cell]:
+    return [Cell(*values) for values in itertools.product(models, methods, lengths, inits, seeds)]
+
+
+def finished(path: Path) -> dict[tuple, dict]:
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {tuple(row[key] for key in KEYS): row for row in rows}
+
+
+def run_sweep(
+    cells: list[Cell],
+    dataset: Dataset,
+    out: str | Path,
+    base: TrainConfig,
+    test_limit: int | None = None,
+    load: Callable[[str], Backbone] = load_model,
+    progress: Callable[[str], None] = print,
+) -> list[dict]:
+    out = Path(out)
+    results_path = out.with_suffix(".jsonl")
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    done = finished(results_path)
+    backbones: dict[str, Backbone] = {}
+    test = dataset.test[:test_limit] if test_limit else dataset.test
+    for number, cell in enumerate(cells, start=1):
+        key = tuple(asdict(cell)[k] for k in KEYS)
+        if key in done:
+            continue
+        progress(f"[{number}/{len(cells)}] {cell}")
+        if cell.model not in backbones:
+            backbones.clear()  # one model in memory at a time
+            backbones[cell.model] = load(cell.model)
+        backbone = backbones[cell.model]
+        config = TrainConfig(**{**asdict(base), "prompt_length": cell.length, "init": cell.init,
+                                "seed": cell.seed, "method": cell.method})
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as scratch:
+            result = train(backbone, dataset.task, dataset.train, dataset.validation,
+                           Path(scratch) / "prompt.safetensors", config, show_progress=False)
+            report = evaluate(backbone, test, result.prompt, max_input_tokens=config.max_input_tokens)
+        row = {**asdict(cell), "test_accuracy": report.accuracy, "test_macro_f1": report.macro_f1,
+               "best_valid_accuracy": result.best_metric, "best_step": result.best_step,
+               "steps_run": result.steps_run, "wall_s": round(time.perf_counter() - started, 1),
+               "test_examples": report.n, "task": dataset.task.name}
+        with results_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        done[key] = row
+        write_report(list(done.values()), out)
+    rows = list(finished(results_path).values())
+    write_report(rows, out)
+    return rows
+
+
+def write_report(rows: list[dict], out: Path) -> None:
+    """Markdown table (mean ± spread over seeds) and a PNG of test accuracy against prompt length."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["method"], row["init"], row["length"]), []).append(row)
+    lines = ["| model | method | init | length | seeds | test accuracy | best valid | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (model, method, init, length), group in sorted(groups.items()):
+        accuracies = [r["test_accuracy"] for r in group]
+        spread = f" ± {statistics.stdev(accuracies):.3f}" if len(accuracies) > 1 else ""
+        lines.append(f"| {model} | {method} | {init} | {length} | {len(group)} | "
+                     f"{statistics.mean(accuracies):.3f}{spread} | "
+                     f"{statistics.mean(r['best_valid_accuracy'] for r in group):.3f} | "
+                     f"{statistics.mean(r['wall_s'] for r in group):.0f} |")
+    write_text_atomically(out.with_suffix(".md"), "\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    lines_by_series: dict[tuple, dict[int, float]] = {}
+    for (model, method, init, length), group in groups.items():
+        lines_by_series.setdefault((model, method, init), {})[length] = statistics.mean(
+            r["test_accuracy"] for r in group)
+    for (model, method, init), points in sorted(lines_by_series.items()):
+        lengths = sorted(points)
+        axes.plot(lengths, [points[k] for k in lengths], marker="o", label=f"{model} {method} {init}")
+    axes.set_xscale("log")
+    axes.set_xlabel("prompt length K (log scale)")
+    axes.set_ylabel("test accuracy")
+    axes.set_title(f"{rows[0]['task'] if rows else ''}: test accuracy vs prompt length")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    png = out.with_suffix(".png")
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    figure.savefig(tmp, dpi=120)
+    plt.close(figure)
+    tmp.replace(png)
