@@ -60,6 +60,12 @@ def run_sweep(
     done = finished(results_path)
     backbones: dict[str, Backbone] = {}
     test = dataset.test[:test_limit] if test_limit else dataset.test
+    def record(row: dict) -> None:
+        with results_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        done[tuple(row[k] for k in KEYS)] = row
+        write_report(list(done.values()), out)
+
     for number, cell in enumerate(cells, start=1):
         key = tuple(asdict(cell)[k] for k in KEYS)
         if key in done:
@@ -69,6 +75,12 @@ def run_sweep(
             backbones.clear()  # one model in memory at a time
             backbones[cell.model] = load(cell.model)
         backbone = backbones[cell.model]
+        baseline = (cell.model, "hand-written", 0, "-", 0)
+        if baseline not in done:  # the "prompt design" line: the template alone, same test examples
+            report = evaluate(backbone, test, task=dataset.task, max_input_tokens=base.max_input_tokens)
+            record({**dict(zip(KEYS, baseline)), "test_accuracy": report.accuracy, "test_macro_f1": report.macro_f1,
+                    "best_valid_accuracy": None, "best_step": 0, "steps_run": 0, "wall_s": 0.0,
+                    "test_examples": report.n, "task": dataset.task.name})
         config = TrainConfig(**{**asdict(base), "prompt_length": cell.length, "init": cell.init,
                                 "seed": cell.seed, "method": cell.method})
         started = time.perf_counter()
@@ -76,14 +88,10 @@ def run_sweep(
             result = train(backbone, dataset.task, dataset.train, dataset.validation,
                            Path(scratch) / "prompt.safetensors", config, show_progress=False)
             report = evaluate(backbone, test, result.prompt, max_input_tokens=config.max_input_tokens)
-        row = {**asdict(cell), "test_accuracy": report.accuracy, "test_macro_f1": report.macro_f1,
-               "best_valid_accuracy": result.best_metric, "best_step": result.best_step,
-               "steps_run": result.steps_run, "wall_s": round(time.perf_counter() - started, 1),
-               "test_examples": report.n, "task": dataset.task.name}
-        with results_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
-        done[key] = row
-        write_report(list(done.values()), out)
+        record({**asdict(cell), "test_accuracy": report.accuracy, "test_macro_f1": report.macro_f1,
+                "best_valid_accuracy": result.best_metric, "best_step": result.best_step,
+                "steps_run": result.steps_run, "wall_s": round(time.perf_counter() - started, 1),
+                "test_examples": report.n, "task": dataset.task.name})
     rows = list(finished(results_path).values())
     write_report(rows, out)
     return rows
@@ -101,7 +109,7 @@ def write_report(rows: list[dict], out: Path) -> None:
         spread = f" ± {statistics.stdev(accuracies):.3f}" if len(accuracies) > 1 else ""
         lines.append(f"| {model} | {method} | {init} | {length} | {len(group)} | "
                      f"{statistics.mean(accuracies):.3f}{spread} | "
-                     f"{statistics.mean(r['best_valid_accuracy'] for r in group):.3f} | "
+                     f"{_mean_or_dash([r['best_valid_accuracy'] for r in group])} | "
                      f"{statistics.mean(r['wall_s'] for r in group):.0f} |")
     write_text_atomically(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
@@ -115,10 +123,17 @@ def write_report(rows: list[dict], out: Path) -> None:
     for (model, method, init, length), group in groups.items():
         lines_by_series.setdefault((model, method, init), {})[length] = statistics.mean(
             r["test_accuracy"] for r in group)
+    all_lengths = sorted({length for (_, method, _, length) in groups if method != "hand-written"})
     for (model, method, init), points in sorted(lines_by_series.items()):
+        if method == "hand-written":
+            axes.axhline(points[0], linestyle="--", color="gray", label=f"{model} hand-written prompt")
+            continue
         lengths = sorted(points)
         axes.plot(lengths, [points[k] for k in lengths], marker="o", label=f"{model} {method} {init}")
     axes.set_xscale("log")
+    if all_lengths:
+        axes.set_xticks(all_lengths, [str(k) for k in all_lengths])
+        axes.minorticks_off()
     axes.set_xlabel("prompt length K (log scale)")
     axes.set_ylabel("test accuracy")
     axes.set_title(f"{rows[0]['task'] if rows else ''}: test accuracy vs prompt length")
@@ -130,3 +145,8 @@ def write_report(rows: list[dict], out: Path) -> None:
     figure.savefig(tmp, dpi=120)
     plt.close(figure)
     tmp.replace(png)
+
+
+def _mean_or_dash(values: list) -> str:
+    values = [v for v in values if v is not None]
+    return f"{statistics.mean(values):.3f}" if values else "-"
