@@ -100,7 +100,9 @@ def batch_order(items: list[Encoded], batch_size: int, seed: int, epoch: int) ->
 
 
 def batch_for_step(items: list[Encoded], config: TrainConfig, step: int) -> list[int]:
-    per_epoch = len(batch_order(items, config.batch_size, config.seed, 0))
+    # batch_order keeps only full batches (windows are whole multiples of the batch size), or the one partial
+    # batch when there are fewer items than a batch: the count follows without building an order.
+    per_epoch = max(1, len(items) // config.batch_size)
     return batch_order(items, config.batch_size, config.seed, step // per_epoch)[step % per_epoch]
 
 
