@@ -110,6 +110,8 @@ def test_builtin_rotten_tomatoes_split_is_fixed_and_disjoint():
 def test_builtin_20newsgroups_uses_official_split():
     dataset = load_dataset("20newsgroups")
     assert len(dataset.task.labels) == 20
+    assert dataset.task.verbalizer[dataset.task.labels.index("sci.crypt")] == " encryption"
+    assert len({e.label for e in dataset.test[:300]}) == 20  # shuffled: a prefix covers every group
     assert len(dataset.test) == 7528 and len(dataset.train) + len(dataset.validation) == 11293
 
 
