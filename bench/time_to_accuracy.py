@@ -52,7 +52,7 @@ def main() -> None:
 
     def run_ours() -> list[dict]:
         prompt = torch.nn.Parameter(initialize("class-label", backbone, 20, dataset.task, seed=0))
-        optimizer = make_optimizer(config, prompt)
+        optimizer = make_optimizer(config, [prompt])
         schedule = make_schedule(config, optimizer)
 
         def step(index: int) -> None:

@@ -78,6 +78,20 @@ def test_train_eval_predict_round_trip(tiny_model_dir, data_files, capsys):
                for a in answers)
 
 
+def test_model_tuning_baseline_writes_a_model_directory_that_eval_loads(tiny_model_dir, data_files, capsys):
+    out = data_files / "tuned"
+    code, stdout, stderr = run(
+        ["train", "--method", "model-tuning", "--model", tiny_model_dir, "--data", data_files / "train.jsonl",
+         "--valid", data_files / "valid.jsonl", "--test", data_files / "test.csv", "--text-field", "review",
+         "--labels", "negative,positive", "--steps", 2, "--eval-every", 1, "--batch-size", 4, "--lr", 1e-3,
+         "--out", out], capsys)
+    assert code == 0, stderr
+    assert "tuned model on test" in stdout and (out / "model.safetensors").exists()
+    code, stdout, _ = run(["eval", "--model", out, "--data", data_files / "test.csv", "--text-field", "review",
+                           "--labels", "negative,positive", "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["n"] == 4
+
+
 def test_eval_without_prompt_scores_the_template(tiny_model_dir, data_files, capsys):
     code, stdout, _ = run(["eval", "--model", tiny_model_dir, "--data", data_files / "test.csv",
                            "--text-field", "review", "--json"], capsys)

@@ -1,7 +1,9 @@
 import json
 
+import torch
+
 from softprompt.data import Dataset, Example
-from softprompt.sweep import grid, run_sweep
+from softprompt.sweep import Cell, grid, run_sweep
 from softprompt.tasks import TaskSpec
 from softprompt.train import TrainConfig
 
@@ -31,3 +33,18 @@ def test_sweep_writes_results_table_plot_and_resumes(tmp_path, llama_backbone):
     more = grid(["tiny"], ["prompt"], [1, 3], ["vocab"], [0, 1])
     rows = run_sweep(more, dataset, tmp_path / "ablation", base, load=load, progress=lambda _: None)
     assert len((tmp_path / "ablation.jsonl").read_text().splitlines()) == 7 and len(rows) == 7
+
+
+def test_model_tuning_cells_have_no_length_or_init_and_leave_the_backbone_frozen(tmp_path, llama_backbone):
+    cells = grid(["tiny"], ["prompt", "model-tuning"], [1, 3], ["vocab", "uniform"], [0])
+    assert [c for c in cells if c.method == "model-tuning"] == [Cell("tiny", "model-tuning", 0, "-", 0)]
+    before = {name: p.clone() for name, p in llama_backbone.model.named_parameters()}
+    dataset = Dataset(TASK, EXAMPLES, EXAMPLES[:4], EXAMPLES[:4])
+    base = TrainConfig(batch_size=4, steps=2, eval_every=2, patience=0, valid_limit=None, lr=1e-3)
+    rows = run_sweep(cells[-1:], dataset, tmp_path / "baselines", base, load=lambda _: llama_backbone,
+                     progress=lambda _: None)
+    tuned = [row for row in rows if row["method"] == "model-tuning"]
+    assert len(tuned) == 1 and 0.0 <= tuned[0]["test_accuracy"] <= 1.0 and tuned[0]["steps_run"] == 2
+    assert "| tiny | model-tuning | - | 0 | 1 |" in (tmp_path / "baselines.md").read_text()
+    for name, parameter in llama_backbone.model.named_parameters():
+        assert torch.equal(parameter, before[name]), name

@@ -13,10 +13,11 @@ from rich.table import Table
 
 from . import models as model_registry
 from .backbone import Backbone, load_model
-from .data import BUILTIN_DATASETS, Example, load_dataset, load_file_examples
+from .data import BUILTIN_DATASETS, Dataset, Example, load_dataset, load_file_examples
 from .errors import SoftPromptError
 from .evaluate import Report, evaluate
 from .evaluate import predict as predict_examples
+from .model_tuning import tune_model
 from .prompt import SoftPrompt
 from .tasks import unescape
 from .train import TrainConfig
@@ -68,7 +69,8 @@ def train(
     prompt_length: Annotated[int, typer.Option(help="Number of virtual tokens K.")] = TrainConfig.prompt_length,
     init: Annotated[str, typer.Option(help='class-label | vocab | uniform | text:"..."')] = TrainConfig.init,
     optimizer: Annotated[str, typer.Option(help="adamw | adafactor (paper preset).")] = TrainConfig.optimizer,
-    lr: Annotated[float | None, typer.Option(help="Default: 0.01 for adamw, 0.3 for adafactor.")] = None,
+    lr: Annotated[float | None, typer.Option(
+        help="Default: 0.01 for adamw, 0.3 for adafactor (model-tuning: 2e-5, 1e-4).")] = None,
     batch_size: int = TrainConfig.batch_size,
     steps: int = TrainConfig.steps,
     eval_every: int = TrainConfig.eval_every,
@@ -83,7 +85,9 @@ def train(
     precision: PrecisionOption = "auto",
     baseline: Annotated[bool, typer.Option(help="Score the hand-written template on the test split first.")] = True,
     generate: Annotated[bool, typer.Option(help="Free-text task: --label-field is the target, exact match.")] = False,
-    method: Annotated[str, typer.Option(help="prompt (input embeddings) | prefix (keys/values at every layer).")]
+    method: Annotated[str, typer.Option(
+        help="prompt (input embeddings) | prefix (keys/values at every layer) | model-tuning (baseline: all "
+             "weights train; --out is a directory).")]
     = TrainConfig.method,
 ) -> None:
     """Train a soft prompt on a frozen model; prints zero-shot and trained test accuracy."""
@@ -99,6 +103,9 @@ def train(
                          steps=steps, eval_every=eval_every, patience=patience, valid_limit=valid_limit or None,
                          max_input_tokens=max_length, seed=seed, path=path, objective=objective, schedule=schedule,
                          method=method)
+    if method == "model-tuning":
+        _tune_model(backbone, dataset, out, config, max_length)
+        return
     result = train_prompt(backbone, dataset.task, dataset.train, dataset.validation, out, config, resume=resume)
     console.print(f"best validation accuracy {result.best_metric:.4f} at step {result.best_step} "
                   f"({result.steps_run} steps{', stopped early' if result.stopped_early else ''})")
@@ -110,6 +117,17 @@ def train(
             result.prompt.training["zero_shot_test_accuracy"] = zero_shot.accuracy
         result.prompt.save(out)
     console.print(f"saved prompt to [bold]{out}[/]")
+
+
+def _tune_model(backbone: Backbone, dataset: Dataset, out: Path, config: TrainConfig, max_length: int) -> None:
+    """The model-tuning baseline: `out` becomes a checkpoint directory that `--model` accepts."""
+    result = tune_model(backbone, dataset.task, dataset.train, dataset.validation, out, config)
+    console.print(f"best validation accuracy {result.best_metric:.4f} at step {result.best_step} "
+                  f"({result.steps_run} steps{', stopped early' if result.stopped_early else ''})")
+    if dataset.test:
+        _show_report(evaluate(result.backbone, dataset.test, task=dataset.task, max_input_tokens=max_length),
+                     "tuned model on test")
+    console.print(f"saved the tuned model to [bold]{out}[/] (use it with --model {out})")
 
 
 def _prompt_and_model(prompt: Path | None, model: str | None, precision: str) -> tuple[SoftPrompt | None, Backbone]:
@@ -351,7 +369,7 @@ def _csv(text: str) -> list[str]:
 def sweep(
     out: Annotated[Path, typer.Option("--out", "-o", help="Results prefix: writes .jsonl, .md, .png.")],
     models: Annotated[str, typer.Option(help="Comma-separated model names.")] = "smollm2-135m",
-    methods: Annotated[str, typer.Option(help="Comma-separated: prompt, prefix.")] = "prompt",
+    methods: Annotated[str, typer.Option(help="Comma-separated: prompt, prefix, model-tuning.")] = "prompt",
     lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths.")] = "1,5,20,100",
     inits: Annotated[str, typer.Option(help="Comma-separated inits.")] = "class-label,vocab,uniform",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",

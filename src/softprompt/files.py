@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,30 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 def write_text_atomically(path: str | Path, text: str) -> Path:
     return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_directory_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_dir)` on a fresh directory next to `path`, then swap it in for `path`.
+
+    Two renames, not one (a directory cannot replace a non-empty one): between them `path` is briefly absent,
+    but its old contents survive as `.<name>.old` until the new ones are in place.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    old = path.with_name(f".{path.name}.old")
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 def _umask() -> int:

@@ -20,6 +20,7 @@ from .backbone import Backbone, load_model
 from .data import Dataset
 from .evaluate import evaluate
 from .files import write_text_atomically
+from .model_tuning import tune_model
 from .train import TrainConfig, train
 
 KEYS = ("model", "method", "length", "init", "seed")
@@ -35,7 +36,14 @@ class Cell:
 
 
 def grid(models: list[str], methods: list[str], lengths: list[int], inits: list[str], seeds: list[int]) -> list[Cell]:
-    return [Cell(*values) for values in itertools.product(models, methods, lengths, inits, seeds)]
+    """Every combination; a model-tuning cell has no prompt, so it has no length or init (one per model/seed)."""
+    cells = []
+    for model, method, length, init, seed in itertools.product(models, methods, lengths, inits, seeds):
+        cell = Cell(model, method, 0, "-", seed) if method == "model-tuning" else Cell(model, method, length, init,
+                                                                                         seed)
+        if cell not in cells:
+            cells.append(cell)
+    return cells
 
 
 def finished(path: Path) -> dict[tuple, dict]:
@@ -85,9 +93,14 @@ def run_sweep(
                                 "seed": cell.seed, "method": cell.method})
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as scratch:
-            result = train(backbone, dataset.task, dataset.train, dataset.validation,
-                           Path(scratch) / "prompt.safetensors", config, show_progress=False)
-            report = evaluate(backbone, test, result.prompt, max_input_tokens=config.max_input_tokens)
+            if cell.method == "model-tuning":
+                result = tune_model(backbone, dataset.task, dataset.train, dataset.validation,
+                                    Path(scratch) / "model", config, show_progress=False)
+                report = evaluate(result.backbone, test, task=dataset.task, max_input_tokens=config.max_input_tokens)
+            else:
+                result = train(backbone, dataset.task, dataset.train, dataset.validation,
+                               Path(scratch) / "prompt.safetensors", config, show_progress=False)
+                report = evaluate(backbone, test, result.prompt, max_input_tokens=config.max_input_tokens)
         record({**asdict(cell), "test_accuracy": report.accuracy, "test_macro_f1": report.macro_f1,
                 "best_valid_accuracy": result.best_metric, "best_step": result.best_step,
                 "steps_run": result.steps_run, "wall_s": round(time.perf_counter() - started, 1),
@@ -125,8 +138,9 @@ def write_report(rows: list[dict], out: Path) -> None:
             r["test_accuracy"] for r in group)
     all_lengths = sorted({length for (_, method, _, length) in groups if method != "hand-written"})
     for (model, method, init), points in sorted(lines_by_series.items()):
-        if method == "hand-written":
-            axes.axhline(points[0], linestyle="--", color="gray", label=f"{model} hand-written prompt")
+        if method in ("hand-written", "model-tuning"):  # no prompt length: a horizontal reference line
+            axes.axhline(points[0], linestyle="--" if method == "hand-written" else ":",
+                         color=f"C{len(axes.lines) % 10}", label=f"{model} {method.replace('-', ' ')}")
             continue
         lengths = sorted(points)
         axes.plot(lengths, [points[k] for k in lengths], marker="o", label=f"{model} {method} {init}")

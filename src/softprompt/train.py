@@ -29,6 +29,7 @@ from .prompt import SoftPrompt, prefix_cache, prefix_from_embeddings
 from .tasks import TaskSpec
 
 DEFAULT_LR = {"adamw": 0.01, "adafactor": 0.3}  # adafactor: the paper preset (see README, "Defaults")
+MODEL_TUNING_LR = {"adamw": 2e-5, "adafactor": 1e-4}  # every weight trains: steps must be far smaller
 
 
 @dataclass
@@ -47,12 +48,18 @@ class TrainConfig:
     seed: int = 0
     path: str = "cached"  # "cached" prompt keys/values, or the "concat" reference
     schedule: str = "linear"  # learning rate: "linear" decay to 0 over `steps`, or "constant"
-    method: str = "prompt"  # "prompt": input embeddings (the paper); "prefix": keys/values at every layer
+    method: str = "prompt"  # "prompt": input embeddings (the paper); "prefix": keys/values at every layer;
+    # "model-tuning": the baseline, every model weight trains (model_tuning.py)
     objective: str = "rank"  # "rank": cross-entropy over the labels' scores; "lm": label tokens' NLL (paper)
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+        if self.lr is not None:
+            return self.lr
+        defaults = MODEL_TUNING_LR if self.method == "model-tuning" else DEFAULT_LR
+        if self.optimizer not in defaults:
+            raise SoftPromptError(f"unknown optimizer {self.optimizer!r}; choose adamw or adafactor")
+        return defaults[self.optimizer]
 
 
 @dataclass
@@ -65,12 +72,12 @@ class TrainResult:
     history: list[dict]
 
 
-def make_optimizer(config: TrainConfig, parameter: torch.Tensor) -> torch.optim.Optimizer:
+def make_optimizer(config: TrainConfig, parameters: list[torch.Tensor]) -> torch.optim.Optimizer:
     if config.optimizer == "adafactor":
-        return Adafactor([parameter], lr=config.learning_rate, scale_parameter=False, relative_step=False,
+        return Adafactor(parameters, lr=config.learning_rate, scale_parameter=False, relative_step=False,
                          warmup_init=False, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW([parameter], lr=config.learning_rate, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     raise SoftPromptError(f"unknown optimizer {config.optimizer!r}; choose adamw or adafactor")
 
 
@@ -106,17 +113,17 @@ def batch_for_step(items: list[Encoded], config: TrainConfig, step: int) -> list
     return batch_order(items, config.batch_size, config.seed, step // per_epoch)[step % per_epoch]
 
 
-def prompt_loss(backbone: Backbone, encoder: Encoder, items: list[Encoded], prompt: torch.Tensor,
+def prompt_loss(backbone: Backbone, encoder: Encoder, items: list[Encoded], prompt: torch.Tensor | None,
                 path: str = "cached", objective: str = "rank", method: str = "prompt") -> torch.Tensor:
-    """Loss on the label tokens only, mean over examples.
+    """Loss on the label tokens only, mean over examples (`prompt` None: the template alone, for model tuning).
 
     "lm": negative log-likelihood of the gold label's tokens over the whole vocabulary (the paper's objective).
     "rank": cross-entropy over the labels' summed log-probs, i.e. exactly what rank classification decides on.
     """
     if objective not in ("rank", "lm"):
         raise SoftPromptError(f"unknown objective {objective!r}; choose rank or lm")
-    if method == "prompt":
-        inputs = {"prompts": prompt.unsqueeze(0), "path": path}
+    if method == "prompt" or prompt is None:
+        inputs = {"prompts": None if prompt is None else prompt.unsqueeze(0), "path": path}
     else:  # deep prompts are keys/values already: there is nothing to concatenate
         inputs = {"prompt_kv": prefix_cache(backbone, prompt, method)}
     if objective == "lm":
@@ -130,10 +137,10 @@ def prompt_loss(backbone: Backbone, encoder: Encoder, items: list[Encoded], prom
 
 
 @torch.no_grad()
-def validation_metric(backbone: Backbone, encoder: Encoder, items: list[Encoded], prompt: torch.Tensor,
+def validation_metric(backbone: Backbone, encoder: Encoder, items: list[Encoded], prompt: torch.Tensor | None,
                       task: TaskSpec, method: str = "prompt") -> float:
-    """Accuracy (classification) or exact match of greedy decoding (generation)."""
-    prefix = prefix_cache(backbone, prompt.detach(), method)
+    """Accuracy (classification) or exact match of greedy decoding (generation); `prompt` None: no prompt."""
+    prefix = backbone.prompt_key_values(None) if prompt is None else prefix_cache(backbone, prompt.detach(), method)
     if not task.is_classification:
         outputs = generate_texts(backbone, encoder, items, prefix, max_new_tokens=16)
         targets = [backbone.tokenizer.decode(item.target_ids, skip_special_tokens=True) for item in items]
@@ -171,10 +178,12 @@ def train(
     initial = initialize(config.init, backbone, config.prompt_length, task, config.seed).to(backbone.device)
     if config.method == "prefix":
         initial = prefix_from_embeddings(backbone, initial)
+    elif config.method == "model-tuning":
+        raise SoftPromptError("model tuning trains the model, not a prompt: use model_tuning.tune_model")
     elif config.method != "prompt":
-        raise SoftPromptError(f"unknown method {config.method!r}; choose prompt or prefix")
+        raise SoftPromptError(f"unknown method {config.method!r}; choose prompt, prefix or model-tuning")
     prompt = torch.nn.Parameter(initial.clone())
-    optimizer = make_optimizer(config, prompt)
+    optimizer = make_optimizer(config, [prompt])
     state = {"step": 0, "best_metric": -1.0, "best_step": 0, "bad_evals": 0, "history": []}
     best = initial.clone()
     if resume and checkpoint_path.exists():
@@ -187,15 +196,13 @@ def train(
 
     if state["step"] == 0 and state["best_metric"] < 0:
         state["best_metric"] = validation_metric(backbone, encoder, valid_items, prompt, task, config.method)
-        _log(log_path, state, {"step": 0, "valid_accuracy": state["best_metric"], "elapsed_s": 0.0})
+        log_record(log_path, state, {"step": 0, "valid_accuracy": state["best_metric"], "elapsed_s": 0.0})
 
     started = time.perf_counter() - state.get("elapsed_s", 0.0)
     running_loss, running_count = 0.0, 0
     stopped_early = False
-    columns = [TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-               TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, disable=not show_progress, transient=False) as progress:
-        bar = progress.add_task(_status(state, None), total=config.steps, completed=state["step"])
+    with training_progress(show_progress) as progress:
+        bar = progress.add_task(status_text(state, None), total=config.steps, completed=state["step"])
         while state["step"] < config.steps:
             indices = batch_for_step(train_items, config, state["step"])
             loss = prompt_loss(backbone, encoder, [train_items[i] for i in indices], prompt, config.path,
@@ -207,7 +214,7 @@ def train(
             state["step"] += 1
             running_loss += loss.item()
             running_count += 1
-            progress.update(bar, advance=1, description=_status(state, running_loss / running_count))
+            progress.update(bar, advance=1, description=status_text(state, running_loss / running_count))
             if state["step"] % config.eval_every == 0 or state["step"] == config.steps:
                 metric = validation_metric(backbone, encoder, valid_items, prompt, task, config.method)
                 if metric > state["best_metric"]:
@@ -216,11 +223,11 @@ def train(
                 else:
                     state["bad_evals"] += 1
                 state["elapsed_s"] = time.perf_counter() - started
-                _log(log_path, state, {"step": state["step"], "loss": running_loss / running_count,
+                log_record(log_path, state, {"step": state["step"], "loss": running_loss / running_count,
                                        "valid_accuracy": metric, "elapsed_s": round(state["elapsed_s"], 2)})
                 running_loss, running_count = 0.0, 0
                 _save_checkpoint(checkpoint_path, prompt, best, optimizer, state, config)
-                progress.update(bar, description=_status(state, None))
+                progress.update(bar, description=status_text(state, None))
                 if config.patience and state["bad_evals"] >= config.patience:
                     stopped_early = True
                     break
@@ -249,12 +256,18 @@ def train(
                        state["history"])
 
 
-def _status(state: dict, loss: float | None) -> str:
+def training_progress(show: bool) -> Progress:
+    columns = [TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    return Progress(*columns, disable=not show, transient=False)
+
+
+def status_text(state: dict, loss: float | None) -> str:
     loss_text = f"loss {loss:.3f}  " if loss is not None else ""
     return f"{loss_text}best valid acc {state['best_metric']:.3f} @ {state['best_step']}"
 
 
-def _log(path: Path, state: dict, record: dict) -> None:
+def log_record(path: Path, state: dict, record: dict) -> None:
     state["history"].append(record)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as log:

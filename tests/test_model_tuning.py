@@ -1,0 +1,54 @@
+import json
+
+import pytest
+import torch
+from test_train import TASK, examples
+
+from softprompt.backbone import load_model
+from softprompt.data import Encoder
+from softprompt.errors import SoftPromptError
+from softprompt.evaluate import label_scores
+from softprompt.model_tuning import TRAINING_FILE, tune_model
+from softprompt.train import TrainConfig, train
+
+
+def config(**overrides):
+    base = dict(batch_size=8, steps=12, eval_every=4, patience=0, valid_limit=None, lr=3e-3, seed=1)
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_model_tuning_trains_a_copy_and_saves_the_best_checkpoint(tmp_path, llama_backbone):
+    before = {name: p.clone() for name, p in llama_backbone.model.named_parameters()}
+    out = tmp_path / "tuned"
+    result = tune_model(llama_backbone, TASK, examples(8), examples(8, 100), out, config(), show_progress=False)
+
+    log = [json.loads(line) for line in (tmp_path / "tuned.log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [0, 4, 8, 12]
+    assert log[-1]["loss"] < log[1]["loss"]  # one batch = the whole training set: the loss must fall
+    assert result.best_metric == max(entry["valid_accuracy"] for entry in log)
+    for name, parameter in llama_backbone.model.named_parameters():  # the caller's frozen model is untouched
+        assert torch.equal(parameter, before[name]), name
+        assert not parameter.requires_grad
+
+    assert {"config.json", "model.safetensors", "tokenizer.json", TRAINING_FILE} <= {p.name for p in out.iterdir()}
+    record = json.loads((out / TRAINING_FILE).read_text())
+    assert record["best_step"] == result.best_step and record["config"]["method"] == "model-tuning"
+    # The directory is a model like any other: loading it gives the returned model's scores.
+    reloaded = load_model(str(out), precision="fp32")
+    items = Encoder(reloaded, TASK).encode_all(examples(6, 200))
+    torch.testing.assert_close(label_scores(reloaded, Encoder(reloaded, TASK), items),
+                               label_scores(result.backbone, Encoder(result.backbone, TASK), items))
+    assert result.best_step > 0  # validation improved at some step, so the saved weights are tuned ones
+    assert any(not torch.equal(p, before[n]) for n, p in result.backbone.model.named_parameters())
+    assert not list(tmp_path.glob(".tuned.*"))  # no temp directories left behind
+
+
+def test_model_tuning_defaults_and_errors(tmp_path, llama_backbone):
+    assert TrainConfig(method="model-tuning").learning_rate == 2e-5
+    assert TrainConfig(method="prompt").learning_rate == 0.01
+    with pytest.raises(SoftPromptError, match="use model_tuning.tune_model"):
+        train(llama_backbone, TASK, examples(8), examples(4), tmp_path / "p.safetensors",
+              config(method="model-tuning"), show_progress=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SoftPromptError, match="is a file"):
+        tune_model(llama_backbone, TASK, examples(8), examples(4), tmp_path / "file", config(), show_progress=False)
