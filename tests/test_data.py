@@ -115,6 +115,14 @@ def test_builtin_20newsgroups_uses_official_split():
     assert len(dataset.test) == 7528 and len(dataset.train) + len(dataset.validation) == 11293
 
 
+def test_vader_sets_share_the_rotten_tomatoes_task_for_domain_shift():
+    reviews, tweets = load_dataset("rotten-tomatoes"), load_dataset("vader-tweets")
+    assert (tweets.task.template, tweets.task.labels) == (reviews.task.template, reviews.task.labels)
+    assert not tweets.train and len(tweets.test) == 4196  # 4,200 rated tweets, 4 neutral ones dropped
+    assert sum(e.label for e in tweets.test) == 2897
+    assert tweets.test[0].where.startswith("hutto_ICWSM_2014/tweets_GroundTruth.txt:")
+
+
 def test_unknown_dataset_lists_builtins():
     with pytest.raises(SoftPromptError, match="unknown dataset 'sst9'; built-in: rotten-tomatoes, 20newsgroups"):
         load_dataset("sst9")

