@@ -52,3 +52,19 @@ def test_model_tuning_defaults_and_errors(tmp_path, llama_backbone):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SoftPromptError, match="is a file"):
         tune_model(llama_backbone, TASK, examples(8), examples(4), tmp_path / "file", config(), show_progress=False)
+
+
+def test_model_tuning_refuses_up_front_when_memory_is_short(tmp_path, llama_backbone, monkeypatch):
+    import softprompt.model_tuning as model_tuning
+
+    monkeypatch.setattr(model_tuning, "available_memory", lambda: 1024)
+    with pytest.raises(SoftPromptError, match=r"model tuning tiny-llama \(0M parameters\) needs about .* GiB .* free"):
+        tune_model(llama_backbone, TASK, examples(8), examples(4), tmp_path / "m", config(), show_progress=False)
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_diverging_run_stops_with_a_clear_error(tmp_path, llama_backbone):
+    # lr 1e30: the first update throws the weights to ~1e30, the next forward overflows to inf/nan.
+    with pytest.raises(SoftPromptError, match=r"the training loss is (nan|inf) at step [2-9]: try a lower --lr"):
+        tune_model(llama_backbone, TASK, examples(8), examples(4), tmp_path / "m", config(lr=1e30),
+                   show_progress=False)

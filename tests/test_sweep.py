@@ -48,3 +48,18 @@ def test_model_tuning_cells_have_no_length_or_init_and_leave_the_backbone_frozen
     assert "| tiny | model-tuning | - | 0 | 1 |" in (tmp_path / "baselines.md").read_text()
     for name, parameter in llama_backbone.model.named_parameters():
         assert torch.equal(parameter, before[name]), name
+
+
+def test_a_failing_cell_is_recorded_with_its_reason_and_the_sweep_goes_on(tmp_path, llama_backbone):
+    dataset = Dataset(TASK, EXAMPLES, EXAMPLES[:4], EXAMPLES[:4])
+    cells = grid(["tiny"], ["prompt"], [2], ["zeros", "vocab"], [0])
+    base = TrainConfig(batch_size=4, steps=1, eval_every=1, patience=0, valid_limit=None)
+    rows = run_sweep(cells, dataset, tmp_path / "s", base, load=lambda _: llama_backbone, progress=lambda _: None)
+    by_init = {row["init"]: row for row in rows}
+    assert by_init["zeros"]["status"] == "failed" and "unknown init 'zeros'" in by_init["zeros"]["error"]
+    assert by_init["vocab"]["status"] == "ok"
+    assert "* tiny prompt zeros K=2 seed 0: SoftPromptError: unknown init 'zeros'" in (tmp_path / "s.md").read_text()
+    # A rerun retries the failed cell (and only it).
+    attempts = []
+    run_sweep(cells, dataset, tmp_path / "s", base, load=lambda _: llama_backbone, progress=attempts.append)
+    assert len(attempts) == 2 and "zeros" in attempts[0]  # the cell line and its failure line

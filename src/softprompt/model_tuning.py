@@ -14,6 +14,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import torch
+
 from .backbone import Backbone, load_model
 from .data import Encoder, Example
 from .errors import SoftPromptError
@@ -22,6 +24,7 @@ from .tasks import TaskSpec
 from .train import (
     TrainConfig,
     batch_for_step,
+    check_finite,
     log_record,
     make_optimizer,
     make_schedule,
@@ -62,11 +65,40 @@ def tune_model(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SoftPromptError(f"model tuning saves a checkpoint directory; {out} is a file")
+    check_memory(backbone)
     state = _train_copy(backbone, task, train_examples, valid_examples, out, config, show_progress)
     # The training copy and its optimizer are gone by now; the best weights come back from disk.
     best = load_model(str(out), backbone.precision)
     return ModelTuningResult(best, state["best_metric"], state["best_step"], state["step"], state["stopped_early"],
                              state["history"])
+
+
+BYTES_PER_TRAINED_PARAMETER = 16  # fp32 weight + gradient + AdamW's two moments
+
+
+def check_memory(backbone: Backbone) -> None:
+    """Refuse up front, with numbers, rather than be killed by the OOM killer halfway through."""
+    parameters = sum(p.numel() for p in backbone.model.parameters())
+    needed = parameters * BYTES_PER_TRAINED_PARAMETER * 1.1  # + ~10% for activations at these batch sizes
+    if backbone.device.type == "cuda":
+        available = torch.cuda.mem_get_info(backbone.device)[0]
+    else:
+        available = available_memory()
+    if available is not None and needed > available:
+        raise SoftPromptError(
+            f"model tuning {backbone.name} ({parameters / 1e6:.0f}M parameters) needs about {needed / 2**30:.1f} GiB "
+            f"({BYTES_PER_TRAINED_PARAMETER} bytes per parameter + activations); {available / 2**30:.1f} GiB is free")
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _train_copy(backbone: Backbone, task: TaskSpec, train_examples: list[Example], valid_examples: list[Example],
@@ -108,6 +140,7 @@ def _train_copy(backbone: Backbone, task: TaskSpec, train_examples: list[Example
             indices = batch_for_step(train_items, config, state["step"])
             loss = prompt_loss(tuned, encoder, [train_items[i] for i in indices], None, config.path,
                                config.objective)
+            check_finite(loss, state["step"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

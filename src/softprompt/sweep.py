@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .backbone import Backbone, load_model
 from .data import Dataset
+from .errors import SoftPromptError
 from .evaluate import evaluate
 from .files import write_text_atomically
 from .model_tuning import tune_model
@@ -47,10 +48,12 @@ def grid(models: list[str], methods: list[str], lengths: list[int], inits: list[
 
 
 def finished(path: Path) -> dict[tuple, dict]:
+    """The last result recorded for each cell; failed cells are not finished (a rerun retries them)."""
     if not path.exists():
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {tuple(row[key] for key in KEYS): row for row in rows}
+    latest = {tuple(row[key] for key in KEYS): row for row in rows}
+    return {key: row for key, row in latest.items() if row.get("status") != "failed"}
 
 
 def run_sweep(
@@ -92,26 +95,36 @@ def run_sweep(
         config = TrainConfig(**{**asdict(base), "prompt_length": cell.length, "init": cell.init,
                                 "seed": cell.seed, "method": cell.method})
         started = time.perf_counter()
-        with tempfile.TemporaryDirectory() as scratch:
-            if cell.method == "model-tuning":
-                result = tune_model(backbone, dataset.task, dataset.train, dataset.validation,
-                                    Path(scratch) / "model", config, show_progress=False)
-                report = evaluate(result.backbone, test, task=dataset.task, max_input_tokens=config.max_input_tokens)
-            else:
-                result = train(backbone, dataset.task, dataset.train, dataset.validation,
-                               Path(scratch) / "prompt.safetensors", config, show_progress=False)
-                report = evaluate(backbone, test, result.prompt, max_input_tokens=config.max_input_tokens)
-        record({**asdict(cell), "test_accuracy": report.accuracy, "test_macro_f1": report.macro_f1,
+        try:
+            with tempfile.TemporaryDirectory() as scratch:
+                if cell.method == "model-tuning":
+                    result = tune_model(backbone, dataset.task, dataset.train, dataset.validation,
+                                        Path(scratch) / "model", config, show_progress=False)
+                    report = evaluate(result.backbone, test, task=dataset.task,
+                                      max_input_tokens=config.max_input_tokens)
+                else:
+                    result = train(backbone, dataset.task, dataset.train, dataset.validation,
+                                   Path(scratch) / "prompt.safetensors", config, show_progress=False)
+                    report = evaluate(backbone, test, result.prompt, max_input_tokens=config.max_input_tokens)
+        except (SoftPromptError, RuntimeError, MemoryError) as error:  # CUDA out-of-memory is a RuntimeError
+            progress(f"  failed: {error}")
+            record({**asdict(cell), "status": "failed", "error": f"{type(error).__name__}: {error}",
+                    "wall_s": round(time.perf_counter() - started, 1), "task": dataset.task.name})
+            continue
+        record({**asdict(cell), "status": "ok", "test_accuracy": report.accuracy, "test_macro_f1": report.macro_f1,
                 "best_valid_accuracy": result.best_metric, "best_step": result.best_step,
                 "steps_run": result.steps_run, "wall_s": round(time.perf_counter() - started, 1),
                 "test_examples": report.n, "task": dataset.task.name})
-    rows = list(finished(results_path).values())
+    rows = list(done.values())
     write_report(rows, out)
     return rows
 
 
 def write_report(rows: list[dict], out: Path) -> None:
-    """Markdown table (mean ± spread over seeds) and a PNG of test accuracy against prompt length."""
+    """Markdown table (mean ± spread over seeds) and a PNG of test accuracy against prompt length; failed cells
+    are listed under the table with their reason."""
+    failed = [row for row in rows if row.get("status") == "failed"]
+    rows = [row for row in rows if row.get("status") != "failed"]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["model"], row["method"], row["init"], row["length"]), []).append(row)
@@ -124,6 +137,10 @@ def write_report(rows: list[dict], out: Path) -> None:
                      f"{statistics.mean(accuracies):.3f}{spread} | "
                      f"{_mean_or_dash([r['best_valid_accuracy'] for r in group])} | "
                      f"{statistics.mean(r['wall_s'] for r in group):.0f} |")
+    if failed:
+        lines += ["", "Failed cells:", ""] + [
+            f"* {row['model']} {row['method']} {row['init']} K={row['length']} seed {row['seed']}: {row['error']}"
+            for row in failed]
     write_text_atomically(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
     import matplotlib

@@ -207,6 +207,7 @@ def train(
             indices = batch_for_step(train_items, config, state["step"])
             loss = prompt_loss(backbone, encoder, [train_items[i] for i in indices], prompt, config.path,
                                config.objective, config.method)
+            check_finite(loss, state["step"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -254,6 +255,11 @@ def train(
     checkpoint_path.unlink(missing_ok=True)
     return TrainResult(result_prompt, state["best_metric"], state["best_step"], state["step"], stopped_early,
                        state["history"])
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise SoftPromptError(f"the training loss is {loss.item()} at step {step + 1}: try a lower --lr")
 
 
 def training_progress(show: bool) -> Progress:
