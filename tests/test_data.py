@@ -147,3 +147,43 @@ def test_file_generation_task(tmp_path):
     path = write(tmp_path / "qa.jsonl", json.dumps({"q": "2+2?", "a": "4"}) + "\n")
     dataset = load_dataset(str(path), template="Q: {q}\nA:", label_field="a", generation=True, valid_fraction=0.0)
     assert dataset.task.labels is None and dataset.train[0].target == "4"
+
+
+def test_parquet_rows_and_errors_name_the_row(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+
+    table = pyarrow.table({"review": ["a great film", "dull", "witty"], "label": ["positive", "negative", "meh"]})
+    pyarrow.parquet.write_table(table, tmp_path / "train.parquet")
+    rows = read_rows(tmp_path / "train.parquet")
+    assert rows[0] == (f"{tmp_path / 'train.parquet'}:row 1", {"review": "a great film", "label": "positive"})
+    task = TaskSpec(template="{review}", labels=["negative", "positive"])
+    with pytest.raises(SoftPromptError, match=r"train.parquet:row 3: label 'meh'"):
+        to_examples(rows, task)
+    (tmp_path / "broken.parquet").write_text("not parquet")
+    with pytest.raises(SoftPromptError, match="broken.parquet: not a readable parquet file"):
+        read_rows(tmp_path / "broken.parquet")
+
+
+def test_saved_hf_dataset_dict_gives_splits_and_class_label_names(tmp_path):
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["neg", "pos"])})
+    splits = {name: datasets.Dataset.from_dict({"text": [f"{name} {i}" for i in range(n)],
+                                                "label": [i % 2 for i in range(n)]}, features=features)
+              for name, n in [("train", 6), ("validation", 3), ("test", 2)]}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "saved"))
+
+    dataset = load_dataset(str(tmp_path / "saved"))
+    assert dataset.task.labels == ["neg", "pos"]  # from the ClassLabel feature, not the integers in the rows
+    assert [len(dataset.train), len(dataset.validation), len(dataset.test)] == [6, 3, 2]
+    assert dataset.test[1].fields == {"text": "test 1"} and dataset.test[1].label == 1
+    assert dataset.train[0].where == f"{tmp_path / 'saved' / 'train'}:row 1"
+    # One split's directory is a plain data file; the whole dict is not.
+    assert len(read_rows(tmp_path / "saved" / "validation")) == 3
+    with pytest.raises(SoftPromptError, match="holds several splits \\(train, validation, test\\)"):
+        read_rows(tmp_path / "saved")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(SoftPromptError, match="not one saved by datasets' save_to_disk"):
+        read_rows(tmp_path / "plain")

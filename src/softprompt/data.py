@@ -49,19 +49,64 @@ class Dataset:
 
 
 def read_rows(path: str | Path) -> list[tuple[str, dict]]:
-    """Rows of a JSONL or CSV file, each with its "file:line" location."""
+    """Rows of a JSONL, CSV or parquet file, or of one split saved by `datasets`' `save_to_disk`, each with its
+    location ("file:line", or "file:row N" for columnar formats)."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        saved = load_saved_dataset(path)
+        if isinstance(saved, dict):
+            raise SoftPromptError(f"{path} holds several splits ({', '.join(saved)}): give it as --data, or one "
+                                  f"split's directory such as {path / next(iter(saved))}")
+        rows = _numbered(path, saved)
+    elif not path.is_file():
         raise SoftPromptError(f"data file {path} does not exist")
-    if path.suffix.lower() in {".jsonl", ".json", ".ndjson"}:
+    elif path.suffix.lower() in {".jsonl", ".json", ".ndjson"}:
         rows = _read_jsonl(path)
     elif path.suffix.lower() in {".csv", ".tsv"}:
         rows = _read_csv(path, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    elif path.suffix.lower() == ".parquet":
+        rows = _read_parquet(path)
     else:
-        raise SoftPromptError(f"{path}: unsupported data file type {path.suffix!r}; use .jsonl or .csv")
+        raise SoftPromptError(f"{path}: unsupported data file type {path.suffix!r}; use .jsonl, .csv, .parquet or "
+                              "a directory saved by datasets' save_to_disk")
     if not rows:
         raise SoftPromptError(f"{path}: the file has no examples")
     return rows
+
+
+def _numbered(path: Path, rows: Iterable[dict]) -> list[tuple[str, dict]]:
+    return [(f"{path}:row {number}", dict(row)) for number, row in enumerate(rows, start=1)]
+
+
+def _read_parquet(path: Path) -> list[tuple[str, dict]]:
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except (pyarrow.ArrowException, OSError) as error:
+        raise SoftPromptError(f"{path}: not a readable parquet file ({error})") from None
+    return _numbered(path, table.to_pylist())
+
+
+def load_saved_dataset(path: Path):
+    """`datasets.load_from_disk`: a Dataset, or a dict of split name -> Dataset for a saved DatasetDict."""
+    try:
+        import datasets
+    except ImportError:
+        raise SoftPromptError(f"{path} is a directory: reading a dataset saved by save_to_disk needs the `datasets` "
+                              "package (pip install 'softprompt[hf]')") from None
+    if not any((path / name).exists() for name in ("state.json", "dataset_dict.json")):
+        raise SoftPromptError(f"{path} is a directory but not one saved by datasets' save_to_disk "
+                              "(no state.json or dataset_dict.json)")
+    saved = datasets.load_from_disk(str(path))
+    return dict(saved) if isinstance(saved, datasets.DatasetDict) else saved
+
+
+def class_label_names(saved, field: str) -> list[str] | None:
+    """The label names a `datasets` ClassLabel column carries (its rows hold indices)."""
+    feature = getattr(saved, "features", {}).get(field)
+    return list(feature.names) if hasattr(feature, "names") else None
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
@@ -460,7 +505,10 @@ def load_dataset(
     else:
         if Path(data).suffix == "" and not Path(data).exists():
             raise unknown_dataset(data)
-        rows = read_rows(data)
+        splits = _saved_splits(Path(data))
+        rows = _numbered(Path(data) / "train", splits["train"]) if splits else read_rows(data)
+        if not generation and labels is None and Path(data).is_dir():
+            labels = class_label_names(splits["train"] if splits else load_saved_dataset(Path(data)), label_field)
         task = TaskSpec(
             name=Path(data).stem,
             template=template or "{" + (text_field or "text") + "}",
@@ -469,13 +517,30 @@ def load_dataset(
         )
         examples = to_examples(rows, task)
         dataset = Dataset(task, train=examples, validation=[], test=[])
-        if valid is None:
+        for name in ("validation", "valid", "dev", "test"):
+            if name in splits:
+                split = to_examples(_numbered(Path(data) / name, splits[name]), task)
+                if name == "test":
+                    dataset.test = split
+                elif not dataset.validation:
+                    dataset.validation = split
+        if valid is None and not dataset.validation:
             held_out = min(1000, max(1, int(len(examples) * valid_fraction))) if valid_fraction > 0 else 0
             shuffled = examples[:]
             random.Random(SPLIT_SEED).shuffle(shuffled)
             dataset.validation, dataset.train = shuffled[:held_out], shuffled[held_out:]
             dataset.notes = f"validation: {held_out} rows held out of {data} (seed {SPLIT_SEED})"
     return _with_files(dataset, valid, test)
+
+
+def _saved_splits(path: Path) -> dict:
+    """The splits of a DatasetDict saved to disk (it must have "train"), else {}."""
+    if not (path / "dataset_dict.json").exists():
+        return {}
+    splits = load_saved_dataset(path)
+    if "train" not in splits:
+        raise SoftPromptError(f"{path}: the saved dataset has splits {', '.join(splits)} but no 'train'")
+    return splits
 
 
 def _with_files(dataset: Dataset, valid: str | None, test: str | None) -> Dataset:
