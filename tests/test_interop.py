@@ -1,5 +1,7 @@
 """PEFT adapters and paper .npy prompts, checked against the real `peft` package."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
 from softprompt.data import Encoder, Example
 from softprompt.errors import SoftPromptError
 from softprompt.evaluate import predict
-from softprompt.interop import export_peft, import_npy, import_peft
+from softprompt.interop import export_peft, export_prompt_embeds, import_npy, import_peft, request_embeddings
 from softprompt.prompt import SoftPrompt
 from softprompt.tasks import TaskSpec
 
@@ -71,3 +73,43 @@ def test_npy_shapes_are_checked(tmp_path, llama_backbone):
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(SoftPromptError, match="not a readable .npy"):
         import_npy(tmp_path / "objects.npy", llama_backbone, TASK)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # gemma3: BOS in front and embeddings scaled by sqrt(d)
+def test_request_embeddings_fed_as_inputs_embeds_reproduce_our_scores(tmp_path, arch):
+    from conftest import make_backbone
+    from safetensors import safe_open
+
+    backbone = make_backbone(arch)
+    prompt = SoftPrompt(torch.randn(4, backbone.d_model) * 0.5, backbone.name, backbone.fingerprint, TASK)
+    requests = request_embeddings(backbone, prompt, EXAMPLES)
+    label_ids = Encoder(backbone, TASK).label_ids
+    rows = []
+    with torch.no_grad():
+        for embeds in requests:  # a plain full forward, no softprompt code: what an engine does with the tensor
+            scores = []
+            for ids in label_ids:
+                continuation = backbone.model.get_input_embeddings()(torch.tensor(ids[:-1], dtype=torch.long))
+                logits = backbone.model(inputs_embeds=torch.cat([embeds, continuation])[None]).logits[0]
+                logprobs = logits[len(embeds) - 1:].log_softmax(-1)
+                scores.append(sum(logprobs[i, token] for i, token in enumerate(ids)))
+            rows.append(torch.stack(scores).softmax(0))
+    torch.testing.assert_close(torch.stack(rows), ours_probabilities(backbone, prompt), atol=1e-5, rtol=1e-4)
+    assert len(requests[0]) == len(backbone.bos_ids) + 4 + len(Encoder(backbone, TASK).encode(EXAMPLES[0]).input_ids)
+
+    path = export_prompt_embeds(prompt, backbone, tmp_path / "p.embeds.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        prefix, metadata = handle.get_tensor("prefix_embeds"), handle.metadata()
+    torch.testing.assert_close(prefix, requests[0][: len(prefix)])
+    assert TaskSpec.from_dict(json.loads(metadata["task"])) == TASK
+    expected_scale = backbone.d_model ** 0.5 if arch == "gemma3" else 1.0
+    assert float(metadata["embedding_scale"]) == pytest.approx(expected_scale, rel=1e-6)
+
+
+def test_deep_prompts_cannot_become_request_embeddings(llama_backbone):
+    from softprompt.prompt import prefix_from_embeddings
+
+    deep = SoftPrompt(None, llama_backbone.name, llama_backbone.fingerprint, TASK,
+                      prefix=prefix_from_embeddings(llama_backbone, torch.randn(3, llama_backbone.d_model)))
+    with pytest.raises(SoftPromptError, match="an engine's prompt_embeds input holds input embeddings; this is a prefix"):
+        request_embeddings(llama_backbone, deep, EXAMPLES)

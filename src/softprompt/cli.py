@@ -318,14 +318,21 @@ def ensemble(
 def export(
     prompt: Annotated[Path, typer.Argument(help="A prompt file.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Adapter directory to write.")],
-    format: Annotated[str, typer.Option(help="peft (a PROMPT_TUNING adapter directory) | npy.")] = "peft",
+    format: Annotated[str, typer.Option(
+        help="peft (a PROMPT_TUNING adapter directory) | npy | prompt-embeds (BOS + prompt embeddings for "
+             "vLLM's prompt_embeds input, see docs/scale-out.md).")] = "peft",
+    model: ModelOption = None,
+    precision: PrecisionOption = "fp32",
 ) -> None:
-    """Write a prompt for another tool: a PEFT adapter directory or the paper's [K, d] .npy array."""
-    from .interop import export_peft
+    """Write a prompt for another tool: a PEFT adapter directory, the paper's [K, d] .npy array, or the
+    per-request prefix embeddings a serving engine takes."""
+    from .interop import export_peft, export_prompt_embeds
 
     soft_prompt = SoftPrompt.load(prompt)
     if format == "peft":
         export_peft(soft_prompt, out)
+    elif format == "prompt-embeds":
+        export_prompt_embeds(soft_prompt, load_model(model or soft_prompt.base_model, precision), out)
     elif format == "npy":
         import numpy as np
 
@@ -335,7 +342,7 @@ def export(
         require_input_prompt(soft_prompt, "a .npy prompt array")
         write_atomically(out, lambda tmp: np.save(open(tmp, "wb"), soft_prompt.embeddings.numpy()))
     else:
-        raise SoftPromptError(f"unknown export format {format!r}; choose peft or npy")
+        raise SoftPromptError(f"unknown export format {format!r}; choose peft, npy or prompt-embeds")
     console.print(f"wrote {out}")
 
 

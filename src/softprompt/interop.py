@@ -1,4 +1,5 @@
-"""Prompts in and out of other tools: PEFT prompt-tuning adapters and the paper's `.npy` prompt arrays.
+"""Prompts in and out of other tools: PEFT prompt-tuning adapters, the paper's `.npy` prompt arrays, and
+per-request input embeddings for engines that accept them (vLLM's `prompt_embeds`, transformers' `inputs_embeds`).
 
 PEFT puts its virtual tokens before everything, softprompt puts them after BOS: for models whose tokenizer adds
 no BOS (SmolLM2, Qwen2.5) the two are the same computation; for BOS models (Gemma) an exported prompt sees the
@@ -8,8 +9,6 @@ BOS after itself under PEFT, so scores differ.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .backbone import Backbone
+from .data import Encoder, Example
 from .errors import SoftPromptError
+from .files import write_atomically, write_directory_atomically
 from .prompt import SoftPrompt
 from .tasks import TaskSpec
 
@@ -42,18 +43,12 @@ def export_peft(prompt: SoftPrompt, directory: str | Path, backbone: Backbone | 
     if backbone is not None:
         config["num_layers"] = backbone.model.config.num_hidden_layers
         config["num_attention_heads"] = backbone.model.config.num_attention_heads
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    try:
+
+    def write(staging: Path) -> None:
         save_file({"prompt_embeddings": prompt.embeddings.float().contiguous()}, str(staging / PEFT_WEIGHTS))
         (staging / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
-        if directory.exists():
-            shutil.rmtree(directory)
-        staging.rename(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
+
+    return write_directory_atomically(directory, write)
 
 
 def import_peft(directory: str | Path, backbone: Backbone, task: TaskSpec) -> SoftPrompt:
@@ -99,3 +94,43 @@ def _prompt(embeddings: torch.Tensor, backbone: Backbone, task: TaskSpec, init: 
 def require_input_prompt(prompt: SoftPrompt, what: str) -> None:
     if prompt.method != "prompt":
         raise SoftPromptError(f"{what} holds input embeddings; this is a {prompt.method} (deep) prompt")
+
+
+# ---------- per-request input embeddings (vLLM prompt_embeds, transformers inputs_embeds) ----------
+
+PROMPT_EMBEDS_FORMAT = "softprompt-prompt-embeds/1"
+
+
+def request_embeddings(backbone: Backbone, prompt: SoftPrompt, examples: list[Example],
+                       max_input_tokens: int = 256) -> list[torch.Tensor]:
+    """One [L, d] tensor per example: BOS (if the model uses one) + the prompt + the templated, tokenized input,
+    in the space `inputs_embeds` takes in transformers (after the embedding module's own scaling). An engine that
+    takes whole-request embeddings needs nothing else to run the soft prompt."""
+    require_input_prompt(prompt, "an engine's prompt_embeds input")
+    prompt.check_backbone(backbone)
+    encoder = Encoder(backbone, prompt.task, max_input_tokens)
+    with torch.no_grad():
+        prefix = backbone.prefix_embeddings(prompt.embeddings.to(backbone.device).unsqueeze(0))[0]
+        return [torch.cat([prefix, backbone.embed(torch.tensor(item.input_ids, device=backbone.device))]).float().cpu()
+                for item in encoder.encode_all(examples)]
+
+
+def embedding_scale(backbone: Backbone) -> float:
+    """The factor the embedding module applies to table rows (Gemma: sqrt(d)); engines that multiply by it after
+    taking `prompt_embeds` (vLLM's Gemma models do) need the exported tensors divided by it."""
+    return float(getattr(backbone.model.get_input_embeddings(), "embed_scale", 1.0))
+
+
+def export_prompt_embeds(prompt: SoftPrompt, backbone: Backbone, path: str | Path) -> Path:
+    """A safetensors file with `prefix_embeds` [L, d] (BOS + prompt, as `request_embeddings` puts in front of every
+    input) and the task, base model and embedding scale in its metadata: enough for a client of a serving engine
+    to build each request's embeddings from the base model's embedding table alone."""
+    require_input_prompt(prompt, "a prompt-embeds export")
+    prompt.check_backbone(backbone)
+    with torch.no_grad():
+        prefix = backbone.prefix_embeddings(prompt.embeddings.to(backbone.device).unsqueeze(0))[0].float().cpu()
+    metadata = {"format": PROMPT_EMBEDS_FORMAT, "base_model": prompt.base_model, "fingerprint": prompt.fingerprint,
+                "task": json.dumps(prompt.task.to_dict()), "bos_ids": json.dumps(backbone.bos_ids),
+                "embedding_scale": repr(embedding_scale(backbone))}
+    return write_atomically(path, lambda tmp: save_file({"prefix_embeds": prefix.contiguous()}, str(tmp),
+                                                        metadata=metadata))
