@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from softprompt import cli
 from softprompt.data import Example
@@ -176,3 +177,27 @@ def test_serve_and_predict_through_the_server(tiny_model_dir, tmp_path, capsys):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_the_same_prompt_as_one(tiny_model_dir, data_files, capsys):
+    """`--devices 2` (torchrun, gloo, each process half of every batch, prompt gradient all-reduced) ends with
+    the prompt one process trains on the same global batches: equal up to float summation order (atol 1e-5)."""
+    common = ["train", "--model", tiny_model_dir, "--data", data_files / "train.jsonl", "--valid",
+              data_files / "valid.jsonl", "--text-field", "review", "--labels", "negative,positive",
+              "--prompt-length", 3, "--steps", 6, "--eval-every", 3, "--batch-size", 4, "--lr", 0.05,
+              "--precision", "fp32", "--no-baseline", "--patience", 0]
+    code, _, stderr = run([*common, "--out", data_files / "one.safetensors"], capsys)
+    assert code == 0, stderr
+    code, _, stderr = run([*common, "--devices", 2, "--out", data_files / "two.safetensors"], capsys)
+    assert code == 0, stderr
+    one, two = SoftPrompt.load(data_files / "one.safetensors"), SoftPrompt.load(data_files / "two.safetensors")
+    torch.testing.assert_close(two.embeddings, one.embeddings, atol=1e-5, rtol=1e-4)
+    assert two.training["best_valid_accuracy"] == one.training["best_valid_accuracy"]
+    assert two.training["steps_run"] == one.training["steps_run"] == 6
+
+
+def test_more_devices_than_the_machine_has_is_an_error(tiny_model_dir, data_files, capsys):
+    code, _, stderr = run(["train", "--model", tiny_model_dir, "--data", data_files / "train.jsonl",
+                           "--devices", 4096, "--out", data_files / "p.safetensors"], capsys)
+    assert code == 2 and "--devices 4096: this machine has" in stderr

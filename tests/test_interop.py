@@ -111,5 +111,5 @@ def test_deep_prompts_cannot_become_request_embeddings(llama_backbone):
 
     deep = SoftPrompt(None, llama_backbone.name, llama_backbone.fingerprint, TASK,
                       prefix=prefix_from_embeddings(llama_backbone, torch.randn(3, llama_backbone.d_model)))
-    with pytest.raises(SoftPromptError, match="an engine's prompt_embeds input holds input embeddings; this is a prefix"):
+    with pytest.raises(SoftPromptError, match="prompt_embeds input holds input embeddings; this is a prefix"):
         request_embeddings(llama_backbone, deep, EXAMPLES)

@@ -14,6 +14,7 @@ from rich.table import Table
 from . import models as model_registry
 from .backbone import Backbone, load_model
 from .data import BUILTIN_DATASETS, Dataset, Example, load_dataset, load_file_examples
+from .distributed import init_from_environment, is_main, launch, world_size
 from .errors import SoftPromptError
 from .evaluate import Report, evaluate
 from .evaluate import predict as predict_examples
@@ -89,14 +90,26 @@ def train(
         help="prompt (input embeddings) | prefix (keys/values at every layer) | model-tuning (baseline: all "
              "weights train; --out is a directory).")]
     = TrainConfig.method,
+    devices: Annotated[int, typer.Option(
+        help="Processes to train with (torch.distributed: gloo on CPU, nccl on CUDA); same as torchrun.")] = 1,
 ) -> None:
     """Train a soft prompt on a frozen model; prints zero-shot and trained test accuracy."""
+    if devices > 1:
+        argv = sys.argv[1:]
+        cut = next(i for i, arg in enumerate(argv) if arg == "--devices" or arg.startswith("--devices="))
+        del argv[cut : cut + (1 if "=" in argv[cut] else 2)]
+        raise typer.Exit(launch(devices, argv))
+    init_from_environment()
+    if world_size() > 1 and method == "model-tuning":
+        raise SoftPromptError("model tuning runs in one process; drop --devices / torchrun")
+    if not is_main():  # the other processes train their shards silently; process 0 reports and saves
+        console.quiet = True
     dataset = load_dataset(data, valid, test, unescape(template) if template else None, _labels(labels),
                            text_field, label_field, generation=generate)
     backbone = load_model(model, precision)
     console.print(f"model [bold]{backbone.name}[/], task [bold]{dataset.task.name}[/]: "
                   f"{len(dataset.train)} train / {len(dataset.validation)} validation / {len(dataset.test)} test")
-    if dataset.test and baseline:
+    if dataset.test and baseline and is_main():
         zero_shot = evaluate(backbone, dataset.test, task=dataset.task, max_input_tokens=max_length)
         _show_report(zero_shot, f"hand-written prompt {dataset.task.template!r} on test")
     config = TrainConfig(prompt_length=prompt_length, init=init, optimizer=optimizer, lr=lr, batch_size=batch_size,
@@ -107,6 +120,8 @@ def train(
         _tune_model(backbone, dataset, out, config, max_length)
         return
     result = train_prompt(backbone, dataset.task, dataset.train, dataset.validation, out, config, resume=resume)
+    if not is_main():
+        return
     console.print(f"best validation accuracy {result.best_metric:.4f} at step {result.best_step} "
                   f"({result.steps_run} steps{', stopped early' if result.stopped_early else ''})")
     if dataset.test:

@@ -19,10 +19,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.optimization import Adafactor
 
+from . import distributed
 from .backbone import Backbone
 from .data import Encoded, Encoder, Example
 from .errors import SoftPromptError
-from .evaluate import classification_report, generate_texts, label_scores, sum_label_tokens
+from .evaluate import generate_texts, label_scores, sum_label_tokens
 from .files import write_atomically
 from .initializers import initialize
 from .prompt import SoftPrompt, prefix_cache, prefix_from_embeddings
@@ -139,14 +140,20 @@ def prompt_loss(backbone: Backbone, encoder: Encoder, items: list[Encoded], prom
 @torch.no_grad()
 def validation_metric(backbone: Backbone, encoder: Encoder, items: list[Encoded], prompt: torch.Tensor | None,
                       task: TaskSpec, method: str = "prompt") -> float:
-    """Accuracy (classification) or exact match of greedy decoding (generation); `prompt` None: no prompt."""
+    """Accuracy (classification) or exact match of greedy decoding (generation); `prompt` None: no prompt.
+    Under torch.distributed each process scores its shard and the counts are summed."""
+    total = len(items)
+    items = distributed.shard(items)
     prefix = backbone.prompt_key_values(None) if prompt is None else prefix_cache(backbone, prompt.detach(), method)
-    if not task.is_classification:
+    correct = 0
+    if items and not task.is_classification:
         outputs = generate_texts(backbone, encoder, items, prefix, max_new_tokens=16)
         targets = [backbone.tokenizer.decode(item.target_ids, skip_special_tokens=True) for item in items]
-        return sum(out.strip() == target.strip() for out, target in zip(outputs, targets)) / len(items)
-    scores = label_scores(backbone, encoder, items, prompt_kv=prefix)
-    return classification_report(task, [i.label for i in items], scores.argmax(1).tolist()).accuracy
+        correct = sum(out.strip() == target.strip() for out, target in zip(outputs, targets))
+    elif items:
+        predicted = label_scores(backbone, encoder, items, prompt_kv=prefix).argmax(1).tolist()
+        correct = sum(p == item.label for p, item in zip(predicted, items))
+    return distributed.all_reduce_sum(torch.tensor(float(correct), device=backbone.device)).item() / total
 
 
 def train(
@@ -165,6 +172,10 @@ def train(
         config = replace(config, objective="lm")  # nothing to rank: learn the target text itself
     if not train_examples:
         raise SoftPromptError("the training set is empty")
+    if config.batch_size < distributed.world_size():
+        raise SoftPromptError(f"batch size {config.batch_size} is smaller than the {distributed.world_size()} "
+                              "processes it is split across")
+    main_process = distributed.is_main()  # only it writes files and shows progress
     out = Path(out)
     checkpoint_path = out.with_name(out.name + ".ckpt.safetensors")
     log_path = out.with_name(out.name + ".log.jsonl")
@@ -190,7 +201,7 @@ def train(
         state, best = _load_checkpoint(checkpoint_path, prompt, optimizer, config)
     elif resume:
         raise SoftPromptError(f"--resume: no checkpoint at {checkpoint_path}")
-    elif log_path.exists():
+    elif log_path.exists() and main_process:
         log_path.unlink()  # a fresh run starts a fresh log
     scheduler = make_schedule(config, optimizer, start_step=state["step"])
 
@@ -201,15 +212,19 @@ def train(
     started = time.perf_counter() - state.get("elapsed_s", 0.0)
     running_loss, running_count = 0.0, 0
     stopped_early = False
-    with training_progress(show_progress) as progress:
+    with training_progress(show_progress and main_process) as progress:
         bar = progress.add_task(status_text(state, None), total=config.steps, completed=state["step"])
         while state["step"] < config.steps:
             indices = batch_for_step(train_items, config, state["step"])
-            loss = prompt_loss(backbone, encoder, [train_items[i] for i in indices], prompt, config.path,
-                               config.objective, config.method)
-            check_finite(loss, state["step"])
+            local = distributed.shard(indices)  # all of it in a single process
+            # Scaled so that the gradients summed over processes are the gradient of the global batch mean.
+            loss = prompt_loss(backbone, encoder, [train_items[i] for i in local], prompt, config.path,
+                               config.objective, config.method) * (len(local) / len(indices))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.all_reduce_sum(prompt.grad)
+            loss = distributed.all_reduce_sum(loss.detach())
+            check_finite(loss, state["step"])
             optimizer.step()
             scheduler.step()
             state["step"] += 1
@@ -227,7 +242,8 @@ def train(
                 log_record(log_path, state, {"step": state["step"], "loss": running_loss / running_count,
                                        "valid_accuracy": metric, "elapsed_s": round(state["elapsed_s"], 2)})
                 running_loss, running_count = 0.0, 0
-                _save_checkpoint(checkpoint_path, prompt, best, optimizer, state, config)
+                if main_process:
+                    _save_checkpoint(checkpoint_path, prompt, best, optimizer, state, config)
                 progress.update(bar, description=status_text(state, None))
                 if config.patience and state["bad_evals"] >= config.patience:
                     stopped_early = True
@@ -251,8 +267,9 @@ def train(
             "elapsed_s": round(time.perf_counter() - started, 1),
         },
     )
-    result_prompt.save(out)
-    checkpoint_path.unlink(missing_ok=True)
+    if main_process:
+        result_prompt.save(out)
+        checkpoint_path.unlink(missing_ok=True)
     return TrainResult(result_prompt, state["best_metric"], state["best_step"], state["step"], stopped_early,
                        state["history"])
 
@@ -275,6 +292,8 @@ def status_text(state: dict, loss: float | None) -> str:
 
 def log_record(path: Path, state: dict, record: dict) -> None:
     state["history"].append(record)
+    if not distributed.is_main():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as log:
         log.write(json.dumps(record) + "\n")
