@@ -46,6 +46,28 @@ def test_prefix_trains_saves_and_reloads(tmp_path, llama_backbone):
     assert evaluate(llama_backbone, EXAMPLES, loaded).accuracy == result.best_metric
 
 
+def test_reparameterized_prefix_starts_where_the_plain_one_does_and_saves_only_the_prefix(tmp_path,
+                                                                                            llama_backbone):
+    common = dict(prompt_length=3, batch_size=4, steps=8, eval_every=4, patience=0, valid_limit=None, lr=0.01,
+                  method="prefix", seed=1)
+    plain = train(llama_backbone, TASK, EXAMPLES, EXAMPLES, tmp_path / "plain.safetensors", TrainConfig(**common),
+                  show_progress=False)
+    mlp = train(llama_backbone, TASK, EXAMPLES, EXAMPLES, tmp_path / "mlp.safetensors",
+                TrainConfig(**common, reparameterize=32), show_progress=False)
+    # The MLP's output layer starts at zero: step 0 is the same prefix, so the same validation accuracy.
+    assert mlp.history[0]["valid_accuracy"] == plain.history[0]["valid_accuracy"]
+    assert mlp.history[-1]["loss"] < mlp.history[1]["loss"]
+    loaded = SoftPrompt.load(tmp_path / "mlp.safetensors")
+    assert loaded.method == "prefix" and loaded.prefix.shape == plain.prompt.prefix.shape
+    layers, heads, head_dim = llama_backbone.key_value_shape
+    d = llama_backbone.d_model
+    # E [3, d] + Linear(d, 32) + Linear(32, layers * 2 * heads * head_dim): far more than the prefix itself.
+    assert loaded.training["trainable_parameters"] == 3 * d + (d * 32 + 32) + (32 + 1) * layers * 2 * heads * head_dim
+    with pytest.raises(SoftPromptError, match="--reparameterize applies to deep prompts"):
+        train(llama_backbone, TASK, EXAMPLES, EXAMPLES, tmp_path / "x.safetensors",
+              TrainConfig(**{**common, "method": "prompt"}, reparameterize=8), show_progress=False)
+
+
 def test_bank_mixes_deep_and_shallow_prompts(llama_backbone):
     shallow, deep = shallow_and_deep(llama_backbone, length=2)
     torch.manual_seed(5)

@@ -59,10 +59,13 @@ def test_seeded_training_is_deterministic(tmp_path, llama_backbone):
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("optimizer", ["adafactor", "adamw"])
-def test_resume_continues_an_interrupted_run_exactly(tmp_path, llama_backbone, monkeypatch, optimizer):
-    """A run killed after step 6 and resumed ends with the same prompt as an uninterrupted run."""
-    cfg = config(steps=10, eval_every=2, optimizer=optimizer, lr=None)
+@pytest.mark.parametrize("optimizer, method, reparameterize",
+                         [("adafactor", "prompt", 0), ("adamw", "prompt", 0), ("adamw", "prefix", 16)])
+def test_resume_continues_an_interrupted_run_exactly(tmp_path, llama_backbone, monkeypatch, optimizer, method,
+                                                     reparameterize):
+    """A run killed after step 6 and resumed ends with the same prompt as an uninterrupted run (for the MLP
+    reparameterization too: its weights and their optimizer state are in the checkpoint)."""
+    cfg = config(steps=10, eval_every=2, optimizer=optimizer, lr=None, method=method, reparameterize=reparameterize)
     full = train(llama_backbone, TASK, examples(24), examples(4, 50), tmp_path / "full.safetensors", cfg,
                  show_progress=False)
 
@@ -84,7 +87,8 @@ def test_resume_continues_an_interrupted_run_exactly(tmp_path, llama_backbone, m
     monkeypatch.setattr(train_module, "prompt_loss", real_loss)
     resumed = train(llama_backbone, TASK, examples(24), examples(4, 50), out, cfg, resume=True, show_progress=False)
     assert resumed.steps_run == 10
-    torch.testing.assert_close(resumed.prompt.embeddings, full.prompt.embeddings, rtol=0, atol=1e-6)
+    torch.testing.assert_close(resumed.prompt.tensor, full.prompt.tensor, rtol=0, atol=1e-6)
+    assert not torch.equal(full.prompt.tensor, resumed.prompt.tensor * 0)  # it trained: not all zeros
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed.safetensors.log.jsonl").read_text().splitlines()]
     assert steps == [0, 2, 4, 6, 8, 10]
 

@@ -90,6 +90,8 @@ def train(
         help="prompt (input embeddings) | prefix (keys/values at every layer) | model-tuning (baseline: all "
              "weights train; --out is a directory).")]
     = TrainConfig.method,
+    reparameterize: Annotated[int, typer.Option(
+        help="--method prefix: train through a tanh MLP of this hidden width (prefix-tuning); 0: off.")] = 0,
     devices: Annotated[int, typer.Option(
         help="Processes to train with (torch.distributed: gloo on CPU, nccl on CUDA); same as torchrun.")] = 1,
 ) -> None:
@@ -115,7 +117,7 @@ def train(
     config = TrainConfig(prompt_length=prompt_length, init=init, optimizer=optimizer, lr=lr, batch_size=batch_size,
                          steps=steps, eval_every=eval_every, patience=patience, valid_limit=valid_limit or None,
                          max_input_tokens=max_length, seed=seed, path=path, objective=objective, schedule=schedule,
-                         method=method)
+                         method=method, reparameterize=reparameterize)
     if method == "model-tuning":
         _tune_model(backbone, dataset, out, config, max_length)
         return

@@ -28,6 +28,7 @@ from .files import write_atomically
 from .initializers import initialize
 from .prompt import SoftPrompt, prefix_cache, prefix_from_embeddings
 from .tasks import TaskSpec
+from .trainable import materialize, parameter_count, trainable_prompt
 
 DEFAULT_LR = {"adamw": 0.01, "adafactor": 0.3}  # adafactor: the paper preset (see README, "Defaults")
 MODEL_TUNING_LR = {"adamw": 2e-5, "adafactor": 1e-4}  # every weight trains: steps must be far smaller
@@ -52,6 +53,7 @@ class TrainConfig:
     method: str = "prompt"  # "prompt": input embeddings (the paper); "prefix": keys/values at every layer;
     # "model-tuning": the baseline, every model weight trains (model_tuning.py)
     objective: str = "rank"  # "rank": cross-entropy over the labels' scores; "lm": label tokens' NLL (paper)
+    reparameterize: int = 0  # deep prompts: hidden width of prefix-tuning's MLP reparameterization (0: none)
 
     @property
     def learning_rate(self) -> float:
@@ -186,19 +188,23 @@ def train(
     if not valid_items:
         raise SoftPromptError("the validation set is empty")
 
-    initial = initialize(config.init, backbone, config.prompt_length, task, config.seed).to(backbone.device)
+    embeddings = initialize(config.init, backbone, config.prompt_length, task, config.seed).to(backbone.device)
+    initial = embeddings
     if config.method == "prefix":
-        initial = prefix_from_embeddings(backbone, initial)
+        initial = prefix_from_embeddings(backbone, embeddings)
     elif config.method == "model-tuning":
         raise SoftPromptError("model tuning trains the model, not a prompt: use model_tuning.tune_model")
     elif config.method != "prompt":
         raise SoftPromptError(f"unknown method {config.method!r}; choose prompt, prefix or model-tuning")
-    prompt = torch.nn.Parameter(initial.clone())
-    optimizer = make_optimizer(config, [prompt])
+    if config.reparameterize and config.method != "prefix":
+        raise SoftPromptError("--reparameterize applies to deep prompts (--method prefix) only")
+    trainable = trainable_prompt(initial, embeddings, config.reparameterize).to(backbone.device)
+    parameters = list(trainable.parameters())
+    optimizer = make_optimizer(config, parameters)
     state = {"step": 0, "best_metric": -1.0, "best_step": 0, "bad_evals": 0, "history": []}
     best = initial.clone()
     if resume and checkpoint_path.exists():
-        state, best = _load_checkpoint(checkpoint_path, prompt, optimizer, config)
+        state, best = _load_checkpoint(checkpoint_path, trainable, optimizer, config)
     elif resume:
         raise SoftPromptError(f"--resume: no checkpoint at {checkpoint_path}")
     elif log_path.exists() and main_process:
@@ -206,7 +212,8 @@ def train(
     scheduler = make_schedule(config, optimizer, start_step=state["step"])
 
     if state["step"] == 0 and state["best_metric"] < 0:
-        state["best_metric"] = validation_metric(backbone, encoder, valid_items, prompt, task, config.method)
+        state["best_metric"] = validation_metric(backbone, encoder, valid_items, materialize(trainable), task,
+                                                 config.method)
         log_record(log_path, state, {"step": 0, "valid_accuracy": state["best_metric"], "elapsed_s": 0.0})
 
     started = time.perf_counter() - state.get("elapsed_s", 0.0)
@@ -218,11 +225,12 @@ def train(
             indices = batch_for_step(train_items, config, state["step"])
             local = distributed.shard(indices)  # all of it in a single process
             # Scaled so that the gradients summed over processes are the gradient of the global batch mean.
-            loss = prompt_loss(backbone, encoder, [train_items[i] for i in local], prompt, config.path,
+            loss = prompt_loss(backbone, encoder, [train_items[i] for i in local], trainable(), config.path,
                                config.objective, config.method) * (len(local) / len(indices))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            distributed.all_reduce_sum(prompt.grad)
+            for parameter in parameters:
+                distributed.all_reduce_sum(parameter.grad)
             loss = distributed.all_reduce_sum(loss.detach())
             check_finite(loss, state["step"])
             optimizer.step()
@@ -232,10 +240,11 @@ def train(
             running_count += 1
             progress.update(bar, advance=1, description=status_text(state, running_loss / running_count))
             if state["step"] % config.eval_every == 0 or state["step"] == config.steps:
-                metric = validation_metric(backbone, encoder, valid_items, prompt, task, config.method)
+                current = materialize(trainable)
+                metric = validation_metric(backbone, encoder, valid_items, current, task, config.method)
                 if metric > state["best_metric"]:
                     state.update(best_metric=metric, best_step=state["step"], bad_evals=0)
-                    best = prompt.detach().clone()
+                    best = current
                 else:
                     state["bad_evals"] += 1
                 state["elapsed_s"] = time.perf_counter() - started
@@ -243,7 +252,7 @@ def train(
                                        "valid_accuracy": metric, "elapsed_s": round(state["elapsed_s"], 2)})
                 running_loss, running_count = 0.0, 0
                 if main_process:
-                    _save_checkpoint(checkpoint_path, prompt, best, optimizer, state, config)
+                    _save_checkpoint(checkpoint_path, trainable, best, optimizer, state, config)
                 progress.update(bar, description=status_text(state, None))
                 if config.patience and state["bad_evals"] >= config.patience:
                     stopped_early = True
@@ -264,6 +273,7 @@ def train(
             "valid_examples": len(valid_items),
             "train_examples": len(train_items),
             "stopped_early": stopped_early,
+            "trainable_parameters": parameter_count(trainable),
             "elapsed_s": round(time.perf_counter() - started, 1),
         },
     )
@@ -299,36 +309,44 @@ def log_record(path: Path, state: dict, record: dict) -> None:
         log.write(json.dumps(record) + "\n")
 
 
-def _save_checkpoint(path: Path, prompt: torch.Tensor, best: torch.Tensor, optimizer: torch.optim.Optimizer,
+def _save_checkpoint(path: Path, trainable: torch.nn.Module, best: torch.Tensor, optimizer: torch.optim.Optimizer,
                      state: dict, config: TrainConfig) -> None:
-    """Everything needed to continue: prompt, best prompt, optimizer state, counters (safetensors, no pickle)."""
-    tensors = {"prompt": prompt.detach().cpu().contiguous(), "best": best.cpu().contiguous()}
-    scalars = {}
-    for key, value in optimizer.state_dict()["state"].get(0, {}).items():
-        if torch.is_tensor(value):
-            tensors[f"optimizer.{key}"] = value.detach().cpu().contiguous()
-        else:
-            scalars[key] = value
+    """Everything needed to continue: what trains, the best prompt, optimizer state, counters (safetensors, no
+    pickle). Optimizer tensors are stored as `optimizer.<parameter index>.<name>`."""
+    tensors = {f"trainable.{key}": value.detach().cpu().contiguous() for key, value in trainable.state_dict().items()}
+    tensors["best"] = best.cpu().contiguous()
+    scalars: dict[str, dict] = {}
+    for index, parameter_state in optimizer.state_dict()["state"].items():
+        for key, value in parameter_state.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
     metadata = {"state": json.dumps(state), "optimizer_scalars": json.dumps(scalars),
                 "config": json.dumps(asdict(config))}
     write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def _load_checkpoint(path: Path, prompt: torch.nn.Parameter, optimizer: torch.optim.Optimizer,
+def _load_checkpoint(path: Path, trainable: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      config: TrainConfig) -> tuple[dict, torch.Tensor]:
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     saved = json.loads(metadata["config"])
-    if saved["prompt_length"] != config.prompt_length or saved["optimizer"] != config.optimizer:
-        raise SoftPromptError(f"checkpoint {path} was made with prompt length {saved['prompt_length']} and "
-                              f"{saved['optimizer']}; this run asks for {config.prompt_length} and {config.optimizer}")
-    with torch.no_grad():
-        prompt.copy_(tensors["prompt"].to(prompt.device))
-    optimizer_state = json.loads(metadata["optimizer_scalars"])
-    optimizer_state.update({key[len("optimizer."):]: value for key, value in tensors.items()
-                            if key.startswith("optimizer.")})
+    fixed = ("prompt_length", "optimizer", "method", "reparameterize")
+    if any(saved.get(key, getattr(TrainConfig, key)) != getattr(config, key) for key in fixed):
+        asked = {key: getattr(config, key) for key in fixed}
+        raise SoftPromptError(f"checkpoint {path} was made with {({key: saved.get(key) for key in fixed})}; "
+                              f"this run asks for {asked}")
+    device = next(trainable.parameters()).device
+    trainable.load_state_dict({key[len("trainable."):]: value.to(device) for key, value in tensors.items()
+                               if key.startswith("trainable.")})
+    optimizer_state = {int(index): values for index, values in json.loads(metadata["optimizer_scalars"]).items()}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            index, name = key[len("optimizer."):].split(".", 1)
+            optimizer_state.setdefault(int(index), {})[name] = value.to(device)
     full = optimizer.state_dict()
-    full["state"] = {0: optimizer_state}
+    full["state"] = optimizer_state
     optimizer.load_state_dict(full)
-    return json.loads(metadata["state"]), tensors["best"].to(prompt.device)
+    return json.loads(metadata["state"]), tensors["best"].to(device)
