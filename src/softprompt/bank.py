@@ -123,9 +123,9 @@ class PromptBank:
             entry = self.entry(name, snapshot)
             if not entry.prompt.task.is_classification:
                 raise SoftPromptError(f"prompt {name!r} generates text: use generate (POST /v1/generate)")
-            missing = [field for field in entry.prompt.task.fields if field not in fields]
+            missing = entry.prompt.task.missing_field(fields)
             if missing:
-                raise SoftPromptError(f"prompt {name!r} needs field {missing[0]!r} (template fields: "
+                raise SoftPromptError(f"prompt {name!r} needs field {missing!r} (template fields: "
                                       f"{', '.join(entry.prompt.task.fields)})")
             entries.append(entry)
         items = [(e.encoder.label_ids, e.encoder.encode(Example(fields, None, None, "request")))

@@ -228,9 +228,9 @@ def predict_command(
         from .data import read_rows
 
         for where, row in read_rows(data):
-            missing = [name for name in task.fields if name not in row]
+            missing = task.missing_field(row)
             if missing:
-                raise SoftPromptError(f"{where}: template field {missing[0]!r} is not in the row")
+                raise SoftPromptError(f"{where}: template field {missing!r} is not in the row")
             examples.append(Example({name: str(row[name]) for name in task.fields}, None, None, where))
     for number, text in enumerate(texts or [], start=1):
         if len(task.fields) != 1:

@@ -166,10 +166,10 @@ def to_examples(rows: list[tuple[str, dict]], task: TaskSpec) -> list[Example]:
     """Check every row against the task (fields, labels) and resolve labels to indices."""
     examples = []
     for where, row in rows:
-        missing = [name for name in task.fields if name not in row]
+        missing = task.missing_field(row)
         if missing:
             raise SoftPromptError(
-                f"{where}: template field {missing[0]!r} is not in the row (fields: {', '.join(map(str, row))})"
+                f"{where}: template field {missing!r} is not in the row (fields: {', '.join(map(str, row))})"
             )
         fields = {name: str(row[name]) for name in task.fields}
         if task.label_field not in row:

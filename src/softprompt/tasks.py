@@ -52,6 +52,10 @@ class TaskSpec:
     def fields(self) -> list[str]:
         return template_fields(self.template)
 
+    def missing_field(self, row: dict) -> str | None:
+        """The first template field the row lacks, if any."""
+        return next((name for name in self.fields if name not in row), None)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -74,7 +74,8 @@ def create_app(bank: PromptBank, api_key: str | None = None, max_batch: int = 32
             entry = bank.entry(prompt_name)
         except UnknownPrompt as error:
             raise HTTPException(404, str(error)) from None
-        fields = entry.prompt.task.fields
+        task = entry.prompt.task
+        fields = task.fields
         result = []
         for number, value in enumerate(inputs):
             if isinstance(value, str):
@@ -82,9 +83,9 @@ def create_app(bank: PromptBank, api_key: str | None = None, max_batch: int = 32
                     raise HTTPException(422, f"inputs[{number}]: prompt {prompt_name!r} has fields {fields}; "
                                              "send an object with each field")
                 value = {fields[0]: value}
-            missing = [name for name in fields if name not in value]
+            missing = task.missing_field(value)
             if missing:
-                raise HTTPException(422, f"inputs[{number}]: missing field {missing[0]!r} for prompt {prompt_name!r}")
+                raise HTTPException(422, f"inputs[{number}]: missing field {missing!r} for prompt {prompt_name!r}")
             size = sum(len(value[name]) for name in fields)
             if size > max_input_chars:
                 raise HTTPException(413, f"inputs[{number}] has {size} characters; the limit is {max_input_chars}")
