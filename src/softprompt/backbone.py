@@ -20,6 +20,8 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import SoftPromptError
 
+DEEP_PROMPTS_NEED_A_CAUSAL_LM = "deep prompts (--method prefix) need a causal LM; this is an encoder-decoder model"
+
 
 @dataclass
 class PrefixCache:
@@ -33,6 +35,9 @@ class PrefixCache:
     layers: list[tuple[Tensor, Tensor]]  # per layer: keys, values [P, heads, L, head_dim]
     mask: Tensor  # [P, L], 1 for real slots
     lengths: Tensor  # [P]
+    # Encoder-decoder models cache nothing (their encoder sees the prompt and the input together): the prompt
+    # embeddings [P, K, d] themselves travel here instead (see seq2seq.py).
+    embeddings: Tensor | None = None
 
     @property
     def width(self) -> int:
@@ -74,6 +79,8 @@ class TokenBatch:
 
 class Backbone:
     """A frozen causal LM (every base weight has `requires_grad=False`) plus its tokenizer."""
+
+    is_seq2seq = False
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str,
                  precision: str = "fp32"):
@@ -290,17 +297,22 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def load_model(name: str | None = None, precision: str = "auto") -> Backbone:
-    """Load a frozen causal LM by built-in name, local directory, .gguf path or cached HF id.
+    """Load a frozen causal LM (or an encoder-decoder such as T5, see seq2seq.py) by built-in name, local
+    directory, .gguf path or cached HF id.
 
     `precision`: "auto" (bf16 autocast where the hardware has it, else fp32), "bf16" or "fp32".
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from .models import DEFAULT_MODEL, resolve
+    from .seq2seq import Seq2SeqBackbone
 
     name = name or DEFAULT_MODEL
     directory = resolve(name)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    seq2seq = getattr(AutoConfig.from_pretrained(directory), "is_encoder_decoder", False)
+    loader = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    model = loader.from_pretrained(directory, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return Backbone(model.to(device), tokenizer, name=name, precision=precision)
+    kind = Seq2SeqBackbone if seq2seq else Backbone
+    return kind(model.to(device), tokenizer, name=name, precision=precision)

@@ -45,6 +45,9 @@ class Snapshot:
 
 class PromptBank:
     def __init__(self, backbone: Backbone, max_input_tokens: int = 256):
+        if backbone.is_seq2seq:
+            raise SoftPromptError("a PromptBank caches each prompt's keys/values, which encoder-decoder models do "
+                                  "not have (their encoder sees prompt and input together); serve causal LMs")
         self.backbone = backbone
         self.max_input_tokens = max_input_tokens
         self.directory: Path | None = None

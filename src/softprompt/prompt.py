@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .backbone import Backbone, PrefixCache
+from .backbone import DEEP_PROMPTS_NEED_A_CAUSAL_LM, Backbone, PrefixCache
 from .errors import SoftPromptError
 from .files import write_atomically
 from .tasks import TaskSpec
@@ -35,6 +35,8 @@ def prefix_cache(backbone: Backbone, tensor: torch.Tensor, method: str) -> Prefi
 def prefix_from_embeddings(backbone: Backbone, embeddings: torch.Tensor) -> torch.Tensor:
     """[layers, 2, kv_heads, K, head_dim]: the keys/values an input-embedding prompt produces at every layer, so a
     deep prompt starts exactly where the shallow one would."""
+    if backbone.is_seq2seq:
+        raise SoftPromptError(DEEP_PROMPTS_NEED_A_CAUSAL_LM)
     cache = backbone.prompt_key_values(embeddings.to(backbone.device).unsqueeze(0))
     skip = len(backbone.bos_ids)
     return torch.stack([torch.stack([k[0, :, skip:], v[0, :, skip:]]) for k, v in cache.layers]).float()

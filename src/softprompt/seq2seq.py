@@ -1,0 +1,122 @@
+"""Encoder-decoder models (T5 family): the prompt goes in front of the encoder input, the decoder scores labels.
+
+Same interface as the causal `Backbone`, so tasks, encoders, training, evaluation and prediction work unchanged.
+What differs: the encoder attends both ways, so the prompt's states depend on the input and nothing can be
+cached per prompt — `prompt_key_values` just carries the prompt embeddings to `target_logprobs`, which runs the
+encoder on [prompt; input; EOS] (T5's convention) and the decoder on [start; label tokens]. Deep prompts
+(per-layer keys/values) are a causal-model method and are refused here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .backbone import DEEP_PROMPTS_NEED_A_CAUSAL_LM, Backbone, PrefixCache, TokenBatch
+from .errors import SoftPromptError
+
+
+class Seq2SeqBackbone(Backbone):
+    """A frozen encoder-decoder LM (T5, Flan-T5, mT5, ...)."""
+
+    is_seq2seq = True
+
+    @property
+    def encoder(self) -> torch.nn.Module:
+        return self.model.get_encoder()
+
+    def prompt_key_values(self, prompts: Tensor | None) -> PrefixCache:
+        count = 1 if prompts is None else prompts.shape[0]
+        length = 0 if prompts is None else prompts.shape[1]
+        return PrefixCache([], torch.ones(count, length, dtype=torch.long, device=self.device),
+                           torch.full((count,), length, dtype=torch.long, device=self.device), embeddings=prompts)
+
+    def prefix_from_key_values(self, prefix: Tensor) -> PrefixCache:
+        raise SoftPromptError(DEEP_PROMPTS_NEED_A_CAUSAL_LM)
+
+    @property
+    def key_value_shape(self) -> tuple[int, int, int]:
+        raise SoftPromptError(DEEP_PROMPTS_NEED_A_CAUSAL_LM)
+
+    def target_logprobs(
+        self,
+        batch: TokenBatch,
+        prompts: Tensor | None = None,
+        prompt_index: Tensor | None = None,
+        path: str = "concat",
+        prompt_kv: PrefixCache | None = None,
+    ) -> Tensor:
+        """Log-prob of each target token, [N]. Each row of `batch` is input + label tokens (as for causal models):
+        the input goes to the encoder, the targets become the decoder's sequence."""
+        if prompt_kv is not None:
+            prompts = prompt_kv.embeddings
+        rows = batch.input_ids.shape[0]
+        encoder_rows, decoder_rows = [], []
+        for row in range(rows):
+            mine = batch.target_rows == row
+            positions, ids = batch.target_positions[mine], batch.target_ids[mine]
+            order = positions.argsort()
+            start = int(positions.min())  # the input's last position predicts the first target
+            encoder_rows.append(batch.input_ids[row, : start + 1].tolist() + self.eos_ids)
+            decoder_rows.append(ids[order].tolist())
+        encoder_ids, encoder_mask = _right_pad(encoder_rows, self.pad_id)
+        start_id = self.model.config.decoder_start_token_id
+        decoder_ids, decoder_mask = _right_pad([[start_id] + ids[:-1] for ids in decoder_rows], self.pad_id)
+        embeds = self.embed(encoder_ids.to(self.device))
+        mask = encoder_mask.to(self.device)
+        if prompts is not None and prompts.shape[1]:
+            index = torch.zeros(rows, dtype=torch.long) if prompt_index is None else prompt_index.cpu()
+            prompt_rows = prompts.to(embeds.dtype)[index.to(prompts.device)]
+            embeds = torch.cat([prompt_rows, embeds], dim=1)
+            mask = torch.cat([mask.new_ones(rows, prompts.shape[1]), mask], dim=1)
+        with self.autocast():
+            logits = self.model(inputs_embeds=embeds, attention_mask=mask,
+                                decoder_input_ids=decoder_ids.to(self.device),
+                                decoder_attention_mask=decoder_mask.to(self.device)).logits.float()
+        # Targets in the order the batch lists them: row by row, by position within the row.
+        picked = []
+        for row, ids in enumerate(decoder_rows):
+            logprobs = logits[row, : len(ids)].log_softmax(-1)
+            picked.append(logprobs.gather(1, torch.tensor(ids, device=self.device).unsqueeze(1)).squeeze(1))
+        by_row = torch.cat(picked)
+        return by_row[_batch_order(batch)]
+
+    @property
+    def eos_ids(self) -> list[int]:
+        return [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+
+    @torch.no_grad()
+    def generate(self, ids: list[int], prefix: PrefixCache, max_new_tokens: int, stop_ids: set[int]) -> list[int]:
+        """Greedy decoding of one input with the prompt in front of the encoder input."""
+        embeds = self.embed(torch.tensor([ids + self.eos_ids], device=self.device))
+        if prefix.embeddings is not None and prefix.embeddings.shape[1]:
+            embeds = torch.cat([prefix.embeddings[:1].to(embeds.dtype), embeds], dim=1)
+        with self.autocast():
+            encoded = self.encoder(inputs_embeds=embeds)
+        generated: list[int] = []
+        decoder = [self.model.config.decoder_start_token_id]
+        for _ in range(max_new_tokens):
+            with self.autocast():
+                logits = self.model(encoder_outputs=encoded, decoder_input_ids=torch.tensor([decoder],
+                                                                                              device=self.device)).logits
+            token = int(logits[0, -1].argmax())
+            if token in stop_ids or token == self.tokenizer.eos_token_id:
+                break
+            generated.append(token)
+            decoder.append(token)
+        return generated
+
+
+def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long)
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], dtype=torch.long)
+    return ids, mask
+
+
+def _batch_order(batch: TokenBatch) -> Tensor:
+    """Where each of the batch's targets sits in the row-by-row, position-sorted order used above."""
+    order = torch.argsort(batch.target_rows * (batch.target_positions.max() + 1) + batch.target_positions, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    return inverse

@@ -1,0 +1,99 @@
+"""Encoder-decoder (T5) models on tiny random-weight configs: the prompt in front of the encoder input, labels
+scored by the decoder, through the same Encoder / train / evaluate code as causal models."""
+
+import pytest
+import torch
+from conftest import make_tokenizer
+from transformers import T5Config, T5ForConditionalGeneration
+
+from softprompt.backbone import load_model
+from softprompt.bank import PromptBank
+from softprompt.data import Encoder, Example
+from softprompt.errors import SoftPromptError
+from softprompt.evaluate import evaluate, generate_texts, label_scores, prefix_of
+from softprompt.prompt import SoftPrompt
+from softprompt.seq2seq import Seq2SeqBackbone
+from softprompt.tasks import TaskSpec
+from softprompt.train import TrainConfig, train
+
+# Verbalizers of different token lengths: several decoder rows per item, targets at different positions.
+TASK = TaskSpec(name="toy", template="Review: {text}\nSentiment:", labels=["negative", "positive"],
+                verbalizer=[" dull, boring and far too long", " positive"])
+WORDS = ["great", "dull", "wit", "boring", "life", "long", "lazy", "quick"]
+EXAMPLES = [Example({"text": f"a {w} movie {i % 3}"}, int(w in {"great", "wit", "life", "quick"}), None, f"row {i}")
+            for i, w in enumerate(WORDS * 2)]
+
+
+def make_t5(seed: int = 0) -> Seq2SeqBackbone:
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer()
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return Seq2SeqBackbone(T5ForConditionalGeneration(config).float(), tokenizer, name="tiny-t5")
+
+
+def reference_scores(backbone, prompt, examples):
+    """Plain transformers calls, one (item, label) pair at a time."""
+    encoder = Encoder(backbone, TASK)
+    rows = []
+    with torch.no_grad():
+        for item in encoder.encode_all(examples):
+            ids = torch.tensor([item.input_ids + [backbone.tokenizer.eos_token_id]])
+            embeds = torch.cat([prompt[None], backbone.model.get_input_embeddings()(ids)], dim=1)
+            scores = []
+            for label_ids in encoder.label_ids:
+                decoder = torch.tensor([[0] + label_ids[:-1]])
+                logits = backbone.model(inputs_embeds=embeds, decoder_input_ids=decoder).logits[0]
+                scores.append(logits.log_softmax(-1)[torch.arange(len(label_ids)), label_ids].sum())
+            rows.append(torch.stack(scores))
+    return torch.stack(rows)
+
+
+def test_label_scores_match_plain_transformers_calls():
+    backbone = make_t5()
+    prompt = torch.randn(3, backbone.d_model)
+    encoder = Encoder(backbone, TASK)
+    assert len(encoder.label_ids[0]) > 1  # the multi-token path is exercised
+    ours = label_scores(backbone, encoder, encoder.encode_all(EXAMPLES), prompts=prompt[None], batch_size=5)
+    torch.testing.assert_close(ours, reference_scores(backbone, prompt, EXAMPLES), atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_tuning_trains_saves_and_evaluates(tmp_path):
+    backbone = make_t5()
+    config = TrainConfig(prompt_length=4, batch_size=16, steps=12, eval_every=4, patience=0, valid_limit=None,
+                         lr=0.05, seed=1, init="vocab")
+    result = train(backbone, TASK, EXAMPLES, EXAMPLES, tmp_path / "t5.safetensors", config, show_progress=False)
+    assert result.history[-1]["loss"] < result.history[1]["loss"]  # one batch = all the data: the loss falls
+    loaded = SoftPrompt.load(tmp_path / "t5.safetensors")
+    assert evaluate(backbone, EXAMPLES, loaded).accuracy == result.best_metric
+    for name, parameter in backbone.model.named_parameters():
+        assert not parameter.requires_grad, name
+
+
+def test_saved_t5_directory_loads_as_seq2seq_and_generates_like_transformers(tmp_path):
+    backbone = make_t5()
+    backbone.model.save_pretrained(tmp_path / "t5")
+    backbone.tokenizer.save_pretrained(tmp_path / "t5")
+    loaded = load_model(str(tmp_path / "t5"), precision="fp32")
+    assert isinstance(loaded, Seq2SeqBackbone)
+
+    task = TaskSpec(name="gen", template="Question: {text}\nAnswer:", labels=None, label_field="answer")
+    prompt = SoftPrompt(torch.randn(2, loaded.d_model), loaded.name, loaded.fingerprint, task)
+    encoder = Encoder(loaded, task)
+    items = encoder.encode_all([Example({"text": "two plus two"}, None, " 4", "q")])
+    ours = generate_texts(loaded, encoder, items, prefix_of(loaded, prompt), max_new_tokens=5)
+    ids = torch.tensor([items[0].input_ids + [loaded.tokenizer.eos_token_id]])
+    embeds = torch.cat([prompt.embeddings[None], loaded.model.get_input_embeddings()(ids)], dim=1)
+    expected = loaded.model.generate(inputs_embeds=embeds, max_new_tokens=5, do_sample=False, num_beams=1,
+                                     eos_token_id=loaded.tokenizer.eos_token_id)
+    expected_text = loaded.tokenizer.decode(expected[0, 1:], skip_special_tokens=True).split("\n")[0]
+    assert ours[0] == expected_text
+
+
+def test_deep_prompts_and_prompt_banks_are_refused():
+    backbone = make_t5()
+    with pytest.raises(SoftPromptError, match="deep prompts .* need a causal LM"):
+        train(backbone, TASK, EXAMPLES, EXAMPLES, "unused.safetensors", TrainConfig(method="prefix", steps=1),
+              show_progress=False)
+    with pytest.raises(SoftPromptError, match="encoder-decoder models"):
+        PromptBank(backbone)
