@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every number published in docs/results/, in the order they were produced. Resumable: finished sweep cells,
 # trained prompts and tuned models are kept and skipped. Run from the repository root after `make setup`:
-#   bash experiments/results.sh [newsgroups|seeds|ensemble|model-tuning|domain-shift|scale]...   (default: all)
+#   bash experiments/results.sh [ablation|newsgroups|seeds|ensemble|model-tuning|domain-shift|scale]...   (default: all)
 # 2 CPU cores, about 2 hours for everything; each section writes its results as it goes.
 set -euo pipefail
 SP=${SP:-.venv/bin/softprompt}
@@ -9,7 +9,16 @@ R=docs/results
 P=prompts/results
 mkdir -p "$R" "$P"
 sections=("$@")
-[ ${#sections[@]} -gt 0 ] || sections=(newsgroups seeds ensemble model-tuning domain-shift scale)
+[ ${#sections[@]} -gt 0 ] || sections=(ablation newsgroups seeds ensemble model-tuning domain-shift scale)
+
+ablation() {  # the paper's length x init ablation on the default model (resumes: K=100 was added last)
+  $SP sweep --out $R/ablation-smollm2 --lengths 1,5,20 --inits class-label,vocab,uniform \
+    --steps 60 --eval-every 20 --valid-limit 200 --test-limit 500
+  $SP sweep --out $R/ablation-smollm2 --methods prefix --lengths 20 --inits class-label \
+    --steps 60 --eval-every 20 --valid-limit 200 --test-limit 500
+  $SP sweep --out $R/ablation-smollm2 --lengths 100 --inits class-label,vocab,uniform \
+    --steps 60 --eval-every 20 --valid-limit 200 --test-limit 500
+}
 
 newsgroups() {  # prompt tuning vs prompt design on the 20-label task
   $SP sweep --out $R/newsgroups-smollm2 --data 20newsgroups --lengths 20 --inits class-label \

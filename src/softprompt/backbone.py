@@ -20,8 +20,6 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import SoftPromptError
 
-DEEP_PROMPTS_NEED_A_CAUSAL_LM = "deep prompts (--method prefix) need a causal LM; this is an encoder-decoder model"
-
 
 @dataclass
 class PrefixCache:
@@ -37,7 +35,7 @@ class PrefixCache:
     lengths: Tensor  # [P]
     # Encoder-decoder models cache nothing (their encoder sees the prompt and the input together): the prompt
     # embeddings [P, K, d] themselves travel here instead (see seq2seq.py).
-    embeddings: Tensor | None = None
+    embeddings: list[Tensor] | None = None
 
     @property
     def width(self) -> int:
@@ -60,7 +58,11 @@ class PrefixCache:
             (torch.cat([pad(c.layers[i][0], 2) for c in caches]), torch.cat([pad(c.layers[i][1], 2) for c in caches]))
             for i in range(len(caches[0].layers))
         ]
-        return PrefixCache(layers, torch.cat([pad(c.mask, 1) for c in caches]), torch.cat([c.lengths for c in caches]))
+        embeddings = None
+        if any(c.embeddings is not None for c in caches):  # models that cache nothing carry the tensors themselves
+            embeddings = [tensor for c in caches for tensor in c.embeddings]
+        return PrefixCache(layers, torch.cat([pad(c.mask, 1) for c in caches]), torch.cat([c.lengths for c in caches]),
+                           embeddings)
 
 
 @dataclass
@@ -81,6 +83,18 @@ class Backbone:
     """A frozen causal LM (every base weight has `requires_grad=False`) plus its tokenizer."""
 
     is_seq2seq = False
+    is_encoder_only = False
+
+    def require_deep_prompts(self) -> None:
+        """Per-layer key/value prompts need a causal model's attention cache."""
+        if self.is_seq2seq or self.is_encoder_only:
+            kind = "an encoder-decoder" if self.is_seq2seq else "an encoder-only"
+            raise SoftPromptError(f"deep prompts (--method prefix) need a causal LM; {self.name!r} is {kind} model")
+
+    def zero_shot_prompts(self, task) -> Tensor | None:
+        """What scoring "without a prompt" runs with: nothing for language models (encoder-only models need
+        their label head, see encoder_model.py)."""
+        return None
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str,
                  precision: str = "fp32"):
@@ -167,6 +181,7 @@ class Backbone:
     @cached_property
     def key_value_shape(self) -> tuple[int, int, int]:
         """(layers, kv_heads, head_dim) of the cache, read off a one-token run (works for any architecture)."""
+        self.require_deep_prompts()
         with torch.no_grad():
             layers = self.prompt_key_values(torch.zeros(1, 1, self.d_model, device=self.device)).layers
         return len(layers), layers[0][0].shape[1], layers[0][0].shape[3]
@@ -174,6 +189,7 @@ class Backbone:
     def prefix_from_key_values(self, prefix: Tensor) -> PrefixCache:
         """A PrefixCache from learned per-layer keys/values [P, layers, 2, kv_heads, K, head_dim] (deep prompts),
         after BOS's own keys/values when the tokenizer uses a BOS."""
+        self.require_deep_prompts()
         count, length = prefix.shape[0], prefix.shape[4]
         bos = self.prompt_key_values(None)
         layers = []
@@ -302,17 +318,24 @@ def load_model(name: str | None = None, precision: str = "auto") -> Backbone:
 
     `precision`: "auto" (bf16 autocast where the hardware has it, else fp32), "bf16" or "fp32".
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    from .encoder_model import EncoderBackbone
     from .models import DEFAULT_MODEL, resolve
     from .seq2seq import Seq2SeqBackbone
 
     name = name or DEFAULT_MODEL
     directory = resolve(name)
-    seq2seq = getattr(AutoConfig.from_pretrained(directory), "is_encoder_decoder", False)
-    loader = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(directory)
+    architectures = getattr(config, "architectures", None) or []
+    if getattr(config, "is_encoder_decoder", False):
+        kind, loader = Seq2SeqBackbone, AutoModelForSeq2SeqLM
+    elif architectures and all(a.endswith(("Model", "ForMaskedLM", "ForSequenceClassification"))
+                               for a in architectures):  # BertModel, RobertaForMaskedLM, ...: a bare encoder
+        kind, loader = EncoderBackbone, AutoModel
+    else:
+        kind, loader = Backbone, AutoModelForCausalLM
     model = loader.from_pretrained(directory, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    kind = Seq2SeqBackbone if seq2seq else Backbone
     return kind(model.to(device), tokenizer, name=name, precision=precision)

@@ -45,7 +45,7 @@ class Snapshot:
 
 class PromptBank:
     def __init__(self, backbone: Backbone, max_input_tokens: int = 256):
-        if backbone.is_seq2seq:
+        if backbone.is_seq2seq:  # (encoder-only models work: their prompts travel as tensors, see encoder_model.py)
             raise SoftPromptError("a PromptBank caches each prompt's keys/values, which encoder-decoder models do "
                                   "not have (their encoder sees prompt and input together); serve causal LMs")
         self.backbone = backbone

@@ -393,7 +393,12 @@ class Encoder:
             raise SoftPromptError(f"max input length {max_input_tokens} leaves no room for the template's tail")
         eos = backbone.tokenizer.eos_token_id
         self.eos_ids = [eos] if eos is not None else []
-        self.label_ids = [backbone.tokenize(word) for word in task.verbalizer] if task.is_classification else []
+        if backbone.is_encoder_only:  # a head scores labels: each "label token" is the label's index
+            if not task.is_classification:
+                raise SoftPromptError(f"task {task.name!r} generates text; an encoder-only model can only classify")
+            self.label_ids = [[index] for index in range(len(task.labels))]
+        else:
+            self.label_ids = [backbone.tokenize(word) for word in task.verbalizer] if task.is_classification else []
         if any(not ids for ids in self.label_ids):
             raise SoftPromptError(f"a verbalizer entry tokenizes to nothing: {task.verbalizer}")
 

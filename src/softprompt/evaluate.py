@@ -109,20 +109,23 @@ def evaluate(
         outputs = generate(backbone, encoder, items, prompt, max_new_tokens)
         matches = [out.strip() == ex.target.strip() for out, ex in zip(outputs, examples)]
         return Report(task.name, len(items), "exact_match", sum(matches) / len(matches), truncated=truncated)
-    scores = label_scores(backbone, encoder, items, batch_size=batch_size, prompt_kv=prefix_of(backbone, prompt))
+    scores = label_scores(backbone, encoder, items, batch_size=batch_size, prompt_kv=prefix_of(backbone, prompt, task))
     return classification_report(task, [item.label for item in items], scores.argmax(1).tolist(), truncated)
 
 
 def generate(backbone: Backbone, encoder: Encoder, items: list[Encoded], prompt: SoftPrompt | None,
              max_new_tokens: int) -> list[str]:
     """Greedy decoding; stops at EOS or a newline."""
-    return generate_texts(backbone, encoder, items, prefix_of(backbone, prompt), max_new_tokens)
+    return generate_texts(backbone, encoder, items, prefix_of(backbone, prompt, encoder.task), max_new_tokens)
 
 
 @torch.no_grad()
-def prefix_of(backbone: Backbone, prompt: SoftPrompt | None) -> PrefixCache:
-    """The keys/values runs start from: BOS alone for the hand-written template, else BOS + the prompt."""
-    return backbone.prompt_key_values(None) if prompt is None else prompt.prefix_cache(backbone)
+def prefix_of(backbone: Backbone, prompt: SoftPrompt | None, task: TaskSpec | None = None) -> PrefixCache:
+    """The keys/values runs start from: BOS alone for the hand-written template (an encoder-only model: its
+    zero-shot label head for `task`), else BOS + the prompt."""
+    if prompt is None:
+        return backbone.prompt_key_values(backbone.zero_shot_prompts(task))
+    return prompt.prefix_cache(backbone)
 
 
 def generate_texts(backbone: Backbone, encoder: Encoder, items: list[Encoded], prefix: PrefixCache,
@@ -150,7 +153,7 @@ def predict(backbone: Backbone, prompt: SoftPrompt | None, examples: list[Exampl
     items = encoder.encode_all(examples)
     if not task.is_classification:
         return [Prediction(text, {}) for text in generate(backbone, encoder, items, prompt, 64)]
-    scores = label_scores(backbone, encoder, items, batch_size=batch_size, prompt_kv=prefix_of(backbone, prompt))
+    scores = label_scores(backbone, encoder, items, batch_size=batch_size, prompt_kv=prefix_of(backbone, prompt, task))
     probabilities = scores.softmax(1)
     return [
         Prediction(task.labels[int(row.argmax())], {label: float(p) for label, p in zip(task.labels, row)})

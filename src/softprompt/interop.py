@@ -94,6 +94,9 @@ def _prompt(embeddings: torch.Tensor, backbone: Backbone, task: TaskSpec, init: 
 def require_input_prompt(prompt: SoftPrompt, what: str) -> None:
     if prompt.method != "prompt":
         raise SoftPromptError(f"{what} holds input embeddings; this is a {prompt.method} (deep) prompt")
+    if prompt.head is not None:
+        raise SoftPromptError(f"{what} holds input embeddings only; this prompt also has a label head for an "
+                              "encoder-only model")
 
 
 # ---------- per-request input embeddings (vLLM prompt_embeds, transformers inputs_embeds) ----------

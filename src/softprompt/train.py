@@ -146,7 +146,10 @@ def validation_metric(backbone: Backbone, encoder: Encoder, items: list[Encoded]
     Under torch.distributed each process scores its shard and the counts are summed."""
     total = len(items)
     items = distributed.shard(items)
-    prefix = backbone.prompt_key_values(None) if prompt is None else prefix_cache(backbone, prompt.detach(), method)
+    if prompt is None:
+        prefix = backbone.prompt_key_values(backbone.zero_shot_prompts(task))
+    else:
+        prefix = prefix_cache(backbone, prompt.detach(), method)
     correct = 0
     if items and not task.is_classification:
         outputs = generate_texts(backbone, encoder, items, prefix, max_new_tokens=16)
@@ -198,6 +201,8 @@ def train(
         raise SoftPromptError(f"unknown method {config.method!r}; choose prompt, prefix or model-tuning")
     if config.reparameterize and config.method != "prefix":
         raise SoftPromptError("--reparameterize applies to deep prompts (--method prefix) only")
+    if backbone.is_encoder_only:  # the label head trains with the prompt, as rows after it (encoder_model.py)
+        initial = torch.cat([embeddings, backbone.label_head(task)])
     trainable = trainable_prompt(initial, embeddings, config.reparameterize).to(backbone.device)
     parameters = list(trainable.parameters())
     optimizer = make_optimizer(config, parameters)
@@ -258,9 +263,11 @@ def train(
                     stopped_early = True
                     break
 
+    best = best.cpu()
     result_prompt = SoftPrompt(
-        embeddings=best.cpu() if config.method == "prompt" else None,
-        prefix=best.cpu() if config.method == "prefix" else None,
+        embeddings=best[: config.prompt_length] if config.method == "prompt" else None,
+        prefix=best if config.method == "prefix" else None,
+        head=best[config.prompt_length :] if backbone.is_encoder_only else None,
         base_model=backbone.name,
         fingerprint=backbone.fingerprint,
         task=task,

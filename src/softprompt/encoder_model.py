@@ -1,0 +1,100 @@
+"""Encoder-only models (BERT family, e.g. all-MiniLM-L6-v2): prompt tuning for classification with a label head.
+
+An encoder has no language-model head to score label words, so each task gets a small head: one learned vector per
+label, scored against the mean-pooled, L2-normalised output (a scaled cosine classifier). The head trains with the
+prompt and is saved in the same prompt file. It starts at the pooled embeddings of the verbalizer texts, so with no
+prompt the model is a zero-shot similarity classifier between input and label words: the encoder's "hand-written
+prompt" baseline.
+
+Inside softprompt an encoder prompt travels as one [K + L, d] tensor, K prompt vectors then L head rows; each row of
+a scoring batch has one target per label, so L is known per row. The input is [CLS] prompt input [SEP]; the
+encoder attends both ways, so prompts are not cached (the PrefixCache carries the tensors themselves).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backbone import Backbone, PrefixCache, TokenBatch
+from .errors import SoftPromptError
+from .tasks import TaskSpec
+
+HEAD_SCALE = 20.0  # cosine logits lie in [-1, 1]: too flat for a softmax (the usual contrastive temperature 0.05)
+
+
+class EncoderBackbone(Backbone):
+    """A frozen bidirectional encoder plus its tokenizer; classification tasks only."""
+
+    is_encoder_only = True
+
+    def prompt_key_values(self, prompts: Tensor | None) -> PrefixCache:
+        count = 1 if prompts is None else prompts.shape[0]
+        length = 0 if prompts is None else prompts.shape[1]
+        return PrefixCache([], torch.ones(count, length, dtype=torch.long, device=self.device),
+                           torch.full((count,), length, dtype=torch.long, device=self.device),
+                           embeddings=None if prompts is None else list(prompts))
+
+    def pooled(self, ids: list[list[int]], prompt: Tensor | None = None) -> Tensor:
+        """Mean-pooled, L2-normalised outputs of [CLS] prompt ids [SEP] for each row of `ids`, [rows, d]."""
+        cls_id, sep_id = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
+        rows = [[cls_id] + row + [sep_id] for row in ids]
+        width = max(len(row) for row in rows)
+        input_ids = torch.tensor([row + [self.pad_id] * (width - len(row)) for row in rows], device=self.device)
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=self.device)
+        embeds = self.embed(input_ids)
+        if prompt is not None and prompt.shape[0]:  # after [CLS], as the prompt goes after BOS in causal models
+            prompt = prompt.to(embeds.dtype).unsqueeze(0).expand(len(rows), -1, -1)
+            embeds = torch.cat([embeds[:, :1], prompt, embeds[:, 1:]], dim=1)
+            mask = torch.cat([mask[:, :1], mask.new_ones(len(rows), prompt.shape[1]), mask[:, 1:]], dim=1)
+        with self.autocast():
+            hidden = self.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state.float()
+        weights = mask.unsqueeze(-1).float()
+        return F.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1)
+
+    @torch.no_grad()
+    def label_head(self, task: TaskSpec) -> Tensor:
+        """[L, d] starting head: the pooled embedding of each verbalizer text."""
+        if not task.is_classification:
+            raise SoftPromptError(f"task {task.name!r} generates text; an encoder-only model can only classify")
+        return self.pooled([self.tokenize(word.strip()) for word in task.verbalizer])
+
+    def zero_shot_prompts(self, task: TaskSpec) -> Tensor:
+        """No prompt vectors, just the starting head: [1, 0 + L, d]."""
+        return self.label_head(task).unsqueeze(0)
+
+    def target_logprobs(
+        self,
+        batch: TokenBatch,
+        prompts: Tensor | None = None,
+        prompt_index: Tensor | None = None,
+        path: str = "concat",
+        prompt_kv: PrefixCache | None = None,
+    ) -> Tensor:
+        """Log-prob of each target label, [N]: targets are (row, last input position, label index)."""
+        tensors = prompt_kv.embeddings if prompt_kv is not None else None
+        if tensors is None and prompts is not None:
+            tensors = list(prompts)
+        if tensors is None:
+            raise SoftPromptError("an encoder-only model scores labels with a head: give a prompt trained for it "
+                                  "(or its zero-shot start, EncoderBackbone.label_head)")
+        rows = batch.input_ids.shape[0]
+        index = torch.zeros(rows, dtype=torch.long) if prompt_index is None else prompt_index.cpu()
+        labels_per_row = torch.bincount(batch.target_rows.cpu(), minlength=rows)
+        lengths = batch.attention_mask.sum(1).tolist()
+        row_logprobs: list[Tensor | None] = [None] * rows
+        for prompt_number in index.unique().tolist():  # rows sharing a prompt (and head) run together
+            members = (index == prompt_number).nonzero().squeeze(1).tolist()
+            tensor = tensors[prompt_number].to(self.device)
+            labels = int(labels_per_row[members[0]])
+            prompt, head = tensor[: tensor.shape[0] - labels], tensor[tensor.shape[0] - labels :]
+            pooled = self.pooled([batch.input_ids[r, : lengths[r]].tolist() for r in members], prompt)
+            logprobs = (HEAD_SCALE * pooled @ head.float().T).log_softmax(-1)
+            for position, row in enumerate(members):
+                row_logprobs[row] = logprobs[position]
+        picked = torch.stack([row_logprobs[int(r)][int(t)] for r, t in zip(batch.target_rows, batch.target_ids)])
+        return picked
+
+    def generate(self, ids: list[int], prefix: PrefixCache, max_new_tokens: int, stop_ids: set[int]) -> list[int]:
+        raise SoftPromptError("an encoder-only model cannot generate text; use a causal or encoder-decoder model")
