@@ -78,3 +78,11 @@ def test_saved_file_has_ordinary_permissions(tmp_path, llama_backbone):
     finally:
         os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_read_metadata_reads_the_header_only_and_tolerates_junk(tmp_path):
+    prompt = SoftPrompt(torch.randn(3, 8), "some-model", "abc", TaskSpec(labels=["a", "b"]))
+    prompt.save(tmp_path / "p.safetensors")
+    assert SoftPrompt.read_metadata(tmp_path / "p.safetensors")["base_model"] == "some-model"
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    assert SoftPrompt.read_metadata(tmp_path / "junk.safetensors") is None

@@ -264,9 +264,10 @@ def serve(
     from .bank import PromptBank
     from .serve import create_app
 
-    if model is None:
-        bases = {SoftPrompt.load(path).base_model for path in sorted(prompts.glob("*.safetensors"))
-                 if not path.name.endswith(".ckpt.safetensors")}
+    if model is None:  # headers only: the bank reads (and checks, or rejects) each file once below
+        headers = [SoftPrompt.read_metadata(path) for path in sorted(prompts.glob("*.safetensors"))
+                   if not path.name.endswith(".ckpt.safetensors")]
+        bases = {header["base_model"] for header in headers if header}
         if len(bases) != 1:
             raise SoftPromptError(f"give --model: the prompts in {prompts} name base models {sorted(bases) or 'none'}")
         model = bases.pop()

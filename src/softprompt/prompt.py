@@ -95,6 +95,18 @@ class SoftPrompt:
             tensors["head"] = self.head.detach().float().cpu().contiguous()
         return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
+    @staticmethod
+    def read_metadata(path: str | Path) -> dict | None:
+        """The JSON header of a prompt file without reading its tensors; None if it is not a readable prompt file."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+            return json.loads(header["softprompt"]) if header.get("format") == FORMAT else None
+        except (SafetensorError, OSError, ValueError, KeyError):
+            return None
+
     @classmethod
     def load(cls, path: str | Path) -> SoftPrompt:
         path = Path(path)
