@@ -2,6 +2,8 @@
 
     python bench/serve.py --quick        # ~4 minutes: 15 s per scenario, 200 clients for 20 s
     python bench/serve.py                # 40 s per scenario, 200 clients for 60 s
+    python bench/serve.py --quick --random-model llama-1b   # GPU machines: a random-weight 1B Llama (no weights
+                                                            # travel there), word-level stub tokenizer
 
 Real smollm2-135m, real Rotten Tomatoes test sentences, 16 prompt files (vocab-initialised, K=20; throughput does
 not depend on their values) plus one of K=1 and one of K=100. Each server is a separate `softprompt serve` process;
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import socket
 import statistics
 import subprocess
@@ -29,15 +32,17 @@ from pathlib import Path
 
 import httpx
 import torch
+from random_models import LLAMA_SHAPES, save_random_llama
 
 
-def make_prompts(directory: Path) -> None:
-    from softprompt import load_dataset, load_model
+def make_prompts(directory: Path, model: str) -> None:
+    from softprompt import load_model
+    from softprompt.data import sentiment_task
     from softprompt.initializers import initialize
     from softprompt.prompt import SoftPrompt
 
-    backbone = load_model("smollm2-135m")
-    task = load_dataset("rotten-tomatoes").task
+    backbone = load_model(model)
+    task = sentiment_task("rotten-tomatoes")
     for index in range(16):
         embeddings = initialize("vocab", backbone, 20, task, seed=index)
         SoftPrompt(embeddings, backbone.name, backbone.fingerprint, task, init="vocab").save(
@@ -54,12 +59,26 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def request_texts() -> list[str]:
+    """Real Rotten Tomatoes test sentences; where the dataset package is absent (the GPU machine), seeded word
+    salad of the same lengths (5-40 words): throughput depends on lengths, not on meaning."""
+    from softprompt import load_dataset
+    from softprompt.errors import SoftPromptError
+
+    try:
+        return [example.fields["text"] for example in load_dataset("rotten-tomatoes").test[:400]]
+    except SoftPromptError:
+        rng = random.Random(0)
+        words = [f"w{i}" for i in range(2000)]
+        return [" ".join(rng.choices(words, k=rng.randint(5, 40))) for _ in range(400)]
+
+
 class Server:
-    def __init__(self, prompts: Path, batching: str, max_batch: int):
+    def __init__(self, model: str, prompts: Path, batching: str, max_batch: int):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "softprompt", "serve", "--model", "smollm2-135m", "--prompts", str(prompts),
+            [sys.executable, "-m", "softprompt", "serve", "--model", model, "--prompts", str(prompts),
              "--port", str(self.port), "--batching", batching, "--max-batch", str(max_batch), "--max-wait-ms", "5"],
             stdout=subprocess.DEVNULL)
 
@@ -116,26 +135,35 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--model", default="smollm2-135m", help="Model to serve (name or directory).")
+    parser.add_argument("--random-model", choices=sorted(LLAMA_SHAPES),
+                        help="Serve a random-weight Llama of this shape instead of --model.")
+    parser.add_argument("--seconds", type=float, help="Override the seconds per scenario (smoke runs).")
     args = parser.parse_args()
     seconds, soak = (15, 20) if args.quick else (40, 60)
+    if args.seconds:
+        seconds, soak = args.seconds, args.seconds
     torch.set_num_threads(1)  # the client side; the server processes use their own threads
 
-    from softprompt import load_dataset
-
-    texts = [example.fields["text"] for example in load_dataset("rotten-tomatoes").test[:400]]
+    texts = request_texts()
     sixteen = [f"p{i:02d}" for i in range(16)]
     results = {}
     with tempfile.TemporaryDirectory() as directory:
-        prompts = Path(directory)
-        make_prompts(prompts)
-        with Server(prompts, "mixed", args.max_batch) as server:
+        prompts = Path(directory) / "prompts"
+        prompts.mkdir()
+        model = args.model
+        if args.random_model:
+            model = str(save_random_llama(Path(directory) / args.random_model, args.random_model,
+                                          [word for text in texts for word in text.split()]))
+        make_prompts(prompts, model)
+        with Server(model, prompts, "mixed", args.max_batch) as server:
             asyncio.run(load(server.url, ["p00"], texts, 4, 3))  # warm-up
             results["single"] = asyncio.run(load(server.url, ["p00"], texts, args.clients, seconds))
             results["mixed"] = asyncio.run(load(server.url, sixteen, texts, args.clients, seconds))
             results["k1"] = asyncio.run(load(server.url, ["k1"], texts, 1, seconds / 2))
             results["k100"] = asyncio.run(load(server.url, ["k100"], texts, 1, seconds / 2))
             results["soak"] = asyncio.run(load(server.url, sixteen, texts, 200, soak))
-        with Server(prompts, "per-prompt", args.max_batch) as server:
+        with Server(model, prompts, "per-prompt", args.max_batch) as server:
             asyncio.run(load(server.url, ["p00"], texts, 4, 3))
             results["sequential"] = asyncio.run(load(server.url, sixteen, texts, args.clients, seconds))
     for name, result in results.items():
@@ -151,7 +179,7 @@ def main() -> None:
         "clients": 200,
         "errors": results["soak"]["errors"] + sum(r["errors"] for k, r in results.items() if k != "soak"),
     }
-    print(json.dumps(summary))
+    print(json.dumps({"model": args.random_model or args.model, **summary}))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from random_models import LLAMA_SHAPES, random_llama, stub_tokenizer
 
 CONFIGS = {
     "cpu-smollm2-k20": dict(device="cpu", model="smollm2-135m", batch=8, prompt_length=20),
@@ -34,13 +35,6 @@ CONFIGS = {
 }
 GROUPS = {"all-cpu": ["cpu-smollm2-k20", "cpu-smollm2-k100"],
           "all-cuda": ["cuda-1b-k20", "cuda-1b-k100", "cuda-3b-k100"]}
-# Llama-3.2-shaped random-weight models: speed does not depend on weight values.
-LLAMA_SHAPES = {
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256),
-    "llama-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                     num_key_value_heads=8, vocab_size=128256),
-}
 
 
 @dataclass
@@ -60,14 +54,9 @@ def build(name: str, compile_layers: bool = False) -> Setup:
     spec = CONFIGS[name]
     device = torch.device(spec["device"])
     if spec["model"] in LLAMA_SHAPES:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-
-        torch.manual_seed(0)
-        config = LlamaConfig(**LLAMA_SHAPES[spec["model"]], max_position_embeddings=4096, tie_word_embeddings=True)
-        with torch.device(device):
-            model = LlamaForCausalLM(config).to(torch.bfloat16)
-        tokenizer = _stub_tokenizer_for(config.vocab_size)
+        model = random_llama(spec["model"], device)
+        config = model.config
+        tokenizer = stub_tokenizer(config.vocab_size)
         backbone = Backbone(model, tokenizer, spec["model"], precision="fp32")  # weights already bf16
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(10, config.vocab_size, (spec["batch"], spec["seq"]), generator=generator)
@@ -123,15 +112,6 @@ def build(name: str, compile_layers: bool = False) -> Setup:
         return loss.item()
 
     return Setup(backbone, peft_model, ours_step, peft_step, int(lengths.sum()))
-
-
-def _stub_tokenizer_for(vocab_size: int):
-    """Random-token benchmarks need pad/bos facts only; a tiny fast tokenizer with no BOS provides them."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, "a": 2, "<unk>": 3}, unk_token="<unk>"))
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
 
 
 def sync(device: str) -> None:
