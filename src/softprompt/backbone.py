@@ -37,6 +37,16 @@ class PrefixCache:
     # embeddings [P, K, d] themselves travel here instead (see seq2seq.py).
     embeddings: list[Tensor] | None = None
 
+    @staticmethod
+    def of_tensors(prompts: Tensor | None, device: torch.device) -> PrefixCache:
+        """For models whose prompt states depend on the input (bidirectional encoders): nothing is cached, the
+        prompt tensors [P, K, d] travel as they are."""
+        count = 1 if prompts is None else prompts.shape[0]
+        length = 0 if prompts is None else prompts.shape[1]
+        return PrefixCache([], torch.ones(count, length, dtype=torch.long, device=device),
+                           torch.full((count,), length, dtype=torch.long, device=device),
+                           embeddings=None if prompts is None else list(prompts))
+
     @property
     def width(self) -> int:
         return self.mask.shape[1]

@@ -30,11 +30,7 @@ class EncoderBackbone(Backbone):
     is_encoder_only = True
 
     def prompt_key_values(self, prompts: Tensor | None) -> PrefixCache:
-        count = 1 if prompts is None else prompts.shape[0]
-        length = 0 if prompts is None else prompts.shape[1]
-        return PrefixCache([], torch.ones(count, length, dtype=torch.long, device=self.device),
-                           torch.full((count,), length, dtype=torch.long, device=self.device),
-                           embeddings=None if prompts is None else list(prompts))
+        return PrefixCache.of_tensors(prompts, self.device)
 
     def pooled(self, ids: list[list[int]], prompt: Tensor | None = None) -> Tensor:
         """Mean-pooled, L2-normalised outputs of [CLS] prompt ids [SEP] for each row of `ids`, [rows, d]."""

@@ -25,11 +25,7 @@ class Seq2SeqBackbone(Backbone):
         return self.model.get_encoder()
 
     def prompt_key_values(self, prompts: Tensor | None) -> PrefixCache:
-        count = 1 if prompts is None else prompts.shape[0]
-        length = 0 if prompts is None else prompts.shape[1]
-        return PrefixCache([], torch.ones(count, length, dtype=torch.long, device=self.device),
-                           torch.full((count,), length, dtype=torch.long, device=self.device),
-                           embeddings=None if prompts is None else list(prompts))
+        return PrefixCache.of_tensors(prompts, self.device)
 
     def target_logprobs(
         self,
