@@ -122,3 +122,38 @@ def test_prompts_of_different_lengths_share_one_padded_cache(tiny_backbone):
     for row, prompt in enumerate([0, 1, 1, 0]):
         selected = batch.target_rows == row
         torch.testing.assert_close(mixed[selected], alone[prompt][selected], atol=1e-5, rtol=1e-4)
+
+
+def test_a_device_map_with_a_layer_on_disk_scores_and_trains_like_the_plain_load(tmp_path):
+    """accelerate's device_map (frozen weights split over devices, here one layer offloaded to disk) runs the same
+    computation: same label scores for mixed prompts, same trained prompt."""
+    from conftest import make_backbone
+
+    from softprompt.backbone import load_model
+    from softprompt.data import Encoder, Example
+    from softprompt.evaluate import label_scores
+    from softprompt.tasks import TaskSpec
+    from softprompt.train import TrainConfig, train
+
+    saved = make_backbone("llama")
+    saved.model.save_pretrained(tmp_path / "tiny")
+    saved.tokenizer.save_pretrained(tmp_path / "tiny")
+    plain = load_model(str(tmp_path / "tiny"), precision="fp32")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    mapped = load_model(str(tmp_path / "tiny"), precision="fp32", device_map=device_map,
+                        offload_folder=str(tmp_path / "offload"))
+    assert mapped.model.model.layers[1].self_attn.q_proj.weight.device.type == "meta"  # really on disk
+
+    task = TaskSpec(name="toy", template="Review: {text}\nSentiment:", labels=["negative", "positive"])
+    examples = [Example({"text": f"a {w} movie"}, i % 2, None, "r") for i, w in enumerate(["great", "dull"] * 4)]
+    prompts = torch.randn(2, 3, plain.d_model)
+    index = torch.tensor([0, 1] * 4)
+    scores = [label_scores(b, Encoder(b, task), Encoder(b, task).encode_all(examples), prompts=prompts,
+                           prompt_index=index) for b in (plain, mapped)]
+    torch.testing.assert_close(scores[1], scores[0], atol=1e-5, rtol=1e-5)
+
+    config = TrainConfig(prompt_length=3, batch_size=4, steps=3, eval_every=3, patience=0, valid_limit=None, lr=0.05)
+    trained = [train(b, task, examples, examples, tmp_path / f"{i}.safetensors", config, show_progress=False)
+               for i, b in enumerate((plain, mapped))]
+    torch.testing.assert_close(trained[1].prompt.embeddings, trained[0].prompt.embeddings, atol=1e-5, rtol=1e-5)

@@ -93,6 +93,19 @@ def test_model_tuning_baseline_writes_a_model_directory_that_eval_loads(tiny_mod
     assert code == 0 and json.loads(stdout)["n"] == 4
 
 
+def test_eval_with_a_device_map_offloading_a_layer_gives_the_same_report(tiny_model_dir, data_files, capsys):
+    args = ["eval", "--model", tiny_model_dir, "--data", data_files / "test.csv", "--text-field", "review", "--json",
+            "--precision", "fp32"]
+    code, plain, _ = run(args, capsys)
+    device_map = ('{"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu", '
+                  '"model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}')
+    code_mapped, mapped, stderr = run([*args, "--device-map", device_map], capsys)
+    assert code == code_mapped == 0, stderr
+    assert json.loads(mapped) == json.loads(plain)
+    code, _, stderr = run([*args, "--device-map", "everywhere"], capsys)
+    assert code == 2 and "--device-map 'everywhere': use auto, balanced, sequential or a JSON map" in stderr
+
+
 def test_eval_without_prompt_scores_the_template(tiny_model_dir, data_files, capsys):
     code, stdout, _ = run(["eval", "--model", tiny_model_dir, "--data", data_files / "test.csv",
                            "--text-field", "review", "--json"], capsys)

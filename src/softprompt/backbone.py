@@ -300,7 +300,7 @@ def gather_rows(tensor: Tensor, index: Tensor) -> Tensor:
     (advanced indexing backward is an accumulating scatter, slow on GPUs)."""
     if tensor.shape[0] == 1:
         return tensor.expand(index.shape[0], *tensor.shape[1:])
-    return tensor.index_select(0, index)
+    return tensor.index_select(0, index.to(tensor.device))  # with a device_map, layers live on several devices
 
 
 def cpu_has_bf16() -> bool:
@@ -322,11 +322,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
-def load_model(name: str | None = None, precision: str = "auto") -> Backbone:
+def load_model(name: str | None = None, precision: str = "auto", device_map: str | dict | None = None,
+               offload_folder: str | None = None) -> Backbone:
     """Load a frozen causal LM (or an encoder-decoder such as T5, see seq2seq.py) by built-in name, local
     directory, .gguf path or cached HF id.
 
     `precision`: "auto" (bf16 autocast where the hardware has it, else fp32), "bf16" or "fp32".
+    `device_map` (accelerate; for frozen models larger than one device): "auto", "balanced", "sequential" or
+    {module: device}, with "cpu" and "disk" (under `offload_folder`) allowed; layers then run where they live.
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -345,7 +348,14 @@ def load_model(name: str | None = None, precision: str = "auto") -> Backbone:
         kind, loader = EncoderBackbone, AutoModel
     else:
         kind, loader = Backbone, AutoModelForCausalLM
-    model = loader.from_pretrained(directory, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return kind(model.to(device), tokenizer, name=name, precision=precision)
+    if device_map is None:
+        model = loader.from_pretrained(directory, dtype=torch.float32)
+        return kind(model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer, name=name,
+                    precision=precision)
+    model = loader.from_pretrained(directory, dtype=torch.float32, device_map=device_map,
+                                   offload_folder=offload_folder)
+    if model.get_input_embeddings().weight.device.type == "meta":
+        raise SoftPromptError("device_map put the input embeddings on disk; keep them on a device (they are read "
+                              "for every prompt and for the model's fingerprint)")
+    return kind(model, tokenizer, name=name, precision=precision)

@@ -32,6 +32,26 @@ err = Console(stderr=True)
 
 ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Built-in name, local dir, .gguf or HF id.")]
 PrecisionOption = Annotated[str, typer.Option(help="auto (bf16 where the hardware has it) | bf16 | fp32.")]
+DeviceMapOption = Annotated[str | None, typer.Option(
+    help="Split the frozen model over devices (accelerate): auto | balanced | sequential | a JSON "
+         "{module: device} map; \"disk\" offloads to a temp folder. See docs/scale-out.md.")]
+
+
+def _load(model: str | None, precision: str, device_map: str | None = None) -> Backbone:
+    if device_map is None:
+        return load_model(model, precision)
+    parsed = device_map
+    if device_map.lstrip().startswith("{"):
+        try:
+            parsed = json.loads(device_map)
+        except json.JSONDecodeError as error:
+            raise SoftPromptError(f"--device-map is not valid JSON: {error}") from None
+    elif device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise SoftPromptError(f"--device-map {device_map!r}: use auto, balanced, sequential or a JSON map")
+    import tempfile
+
+    offload = tempfile.mkdtemp(prefix="softprompt-offload-")  # only used by modules mapped to "disk"
+    return load_model(model, precision, device_map=parsed, offload_folder=offload)
 
 
 def _labels(labels: str | None) -> list[str] | None:
@@ -92,6 +112,7 @@ def train(
     = TrainConfig.method,
     reparameterize: Annotated[int, typer.Option(
         help="--method prefix: train through a tanh MLP of this hidden width (prefix-tuning); 0: off.")] = 0,
+    device_map: DeviceMapOption = None,
     devices: Annotated[int, typer.Option(
         help="Processes to train with (torch.distributed: gloo on CPU, nccl on CUDA); same as torchrun.")] = 1,
 ) -> None:
@@ -108,7 +129,7 @@ def train(
         console.quiet = True
     dataset = load_dataset(data, valid, test, unescape(template) if template else None, _labels(labels),
                            text_field, label_field, generation=generate)
-    backbone = load_model(model, precision)
+    backbone = _load(model, precision, device_map)
     console.print(f"model [bold]{backbone.name}[/], task [bold]{dataset.task.name}[/]: "
                   f"{len(dataset.train)} train / {len(dataset.validation)} validation / {len(dataset.test)} test")
     if dataset.test and baseline and is_main():
@@ -147,9 +168,10 @@ def _tune_model(backbone: Backbone, dataset: Dataset, out: Path, config: TrainCo
     console.print(f"saved the tuned model to [bold]{out}[/] (use it with --model {out})")
 
 
-def _prompt_and_model(prompt: Path | None, model: str | None, precision: str) -> tuple[SoftPrompt | None, Backbone]:
+def _prompt_and_model(prompt: Path | None, model: str | None, precision: str,
+                      device_map: str | None = None) -> tuple[SoftPrompt | None, Backbone]:
     soft_prompt = SoftPrompt.load(prompt) if prompt else None
-    backbone = load_model(model or (soft_prompt.base_model if soft_prompt else None), precision)
+    backbone = _load(model or (soft_prompt.base_model if soft_prompt else None), precision, device_map)
     if soft_prompt:
         soft_prompt.check_backbone(backbone)
     return soft_prompt, backbone
@@ -170,9 +192,10 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     precision: PrecisionOption = "auto",
     generate: Annotated[bool, typer.Option(help="Free-text task: --label-field is the target, exact match.")] = False,
+    device_map: DeviceMapOption = None,
 ) -> None:
     """Accuracy, macro-F1, per-class counts and confusion matrix of a prompt (or the hand-written template)."""
-    soft_prompt, backbone = _prompt_and_model(prompt, model, precision)
+    soft_prompt, backbone = _prompt_and_model(prompt, model, precision, device_map)
     if soft_prompt:
         task = soft_prompt.task
         if data in BUILTIN_DATASETS:
@@ -209,6 +232,7 @@ def predict_command(
     precision: PrecisionOption = "auto",
     server: Annotated[str | None, typer.Option(help="Ask a running `softprompt serve` instead (URL).")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="SOFTPROMPT_API_KEY")] = None,
+    device_map: DeviceMapOption = None,
 ) -> None:
     """Label and per-label scores for each input."""
     if server:
@@ -221,7 +245,7 @@ def predict_command(
             else:
                 console.print(f"[bold]{result['label']}[/]  {result['scores']}  {text[:80]}")
         return
-    soft_prompt, backbone = _prompt_and_model(Path(prompt), model, precision)
+    soft_prompt, backbone = _prompt_and_model(Path(prompt), model, precision, device_map)
     task = soft_prompt.task
     examples = []
     if data:
@@ -257,6 +281,7 @@ def serve(
     max_wait_ms: Annotated[float, typer.Option(help="How long the first request waits for company.")] = 5.0,
     precision: PrecisionOption = "auto",
     batching: Annotated[str, typer.Option(help="mixed | per-prompt (one prompt per forward: a baseline).")] = "mixed",
+    device_map: DeviceMapOption = None,
 ) -> None:
     """Serve every prompt in a directory from one frozen model over HTTP (mixed-task batches)."""
     import uvicorn
@@ -271,7 +296,7 @@ def serve(
         if len(bases) != 1:
             raise SoftPromptError(f"give --model: the prompts in {prompts} name base models {sorted(bases) or 'none'}")
         model = bases.pop()
-    bank = PromptBank.from_directory(load_model(model, precision), prompts)
+    bank = PromptBank.from_directory(_load(model, precision, device_map), prompts)
     snapshot = bank.snapshot
     console.print(f"serving {len(snapshot.entries)} prompts on {model} at http://{host}:{port} "
                   f"({len(snapshot.rejected)} rejected: {', '.join(snapshot.rejected) or 'none'})")
