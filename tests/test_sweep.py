@@ -27,6 +27,8 @@ def test_sweep_writes_results_table_plot_and_resumes(tmp_path, llama_backbone):
     assert {(json.loads(line)["method"], json.loads(line)["length"]) for line in lines} == {
         ("hand-written", 0), ("prompt", 1), ("prompt", 3), ("prefix", 1), ("prefix", 3)}
     assert "| tiny | prefix | vocab | 3 | 1 |" in (tmp_path / "ablation.md").read_text()
+    size = sum(p.numel() for p in llama_backbone.model.parameters())
+    assert {json.loads(line)["parameters"] for line in lines} == {size}
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Resuming: one more seed runs only the new cells.
@@ -63,3 +65,16 @@ def test_a_failing_cell_is_recorded_with_its_reason_and_the_sweep_goes_on(tmp_pa
     attempts = []
     run_sweep(cells, dataset, tmp_path / "s", base, load=lambda _: llama_backbone, progress=attempts.append)
     assert len(attempts) == 2 and "zeros" in attempts[0]  # the cell line and its failure line
+
+
+def test_several_models_also_get_the_accuracy_against_size_plot(tmp_path, llama_backbone):
+    from conftest import make_backbone
+
+    bigger = make_backbone("qwen2")  # q/k/v biases: a different parameter count
+    dataset = Dataset(TASK, EXAMPLES, EXAMPLES[:4], EXAMPLES[:4])
+    cells = grid(["small", "big"], ["prompt"], [2], ["vocab"], [0])
+    base = TrainConfig(batch_size=4, steps=1, eval_every=1, patience=0, valid_limit=None)
+    rows = run_sweep(cells, dataset, tmp_path / "scale", base, progress=lambda _: None,
+                     load=lambda name: llama_backbone if name == "small" else bigger)
+    assert len({row["parameters"] for row in rows}) == 2
+    assert (tmp_path / "scale-by-size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

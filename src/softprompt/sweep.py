@@ -86,12 +86,13 @@ def run_sweep(
             backbones.clear()  # one model in memory at a time
             backbones[cell.model] = load(cell.model)
         backbone = backbones[cell.model]
+        size = sum(p.numel() for p in backbone.model.parameters())
         baseline = (cell.model, "hand-written", 0, "-", 0)
         if baseline not in done:  # the "prompt design" line: the template alone, same test examples
             report = evaluate(backbone, test, task=dataset.task, max_input_tokens=base.max_input_tokens)
             record({**dict(zip(KEYS, baseline)), "test_accuracy": report.accuracy, "test_macro_f1": report.macro_f1,
                     "best_valid_accuracy": None, "best_step": 0, "steps_run": 0, "wall_s": 0.0,
-                    "test_examples": report.n, "task": dataset.task.name})
+                    "test_examples": report.n, "task": dataset.task.name, "parameters": size})
         config = TrainConfig(**{**asdict(base), "prompt_length": cell.length, "init": cell.init,
                                 "seed": cell.seed, "method": cell.method})
         started = time.perf_counter()
@@ -109,12 +110,12 @@ def run_sweep(
         except (SoftPromptError, RuntimeError, MemoryError) as error:  # CUDA out-of-memory is a RuntimeError
             progress(f"  failed: {error}")
             record({**asdict(cell), "status": "failed", "error": f"{type(error).__name__}: {error}",
-                    "wall_s": round(time.perf_counter() - started, 1), "task": dataset.task.name})
+                    "wall_s": round(time.perf_counter() - started, 1), "task": dataset.task.name, "parameters": size})
             continue
         record({**asdict(cell), "status": "ok", "test_accuracy": report.accuracy, "test_macro_f1": report.macro_f1,
                 "best_valid_accuracy": result.best_metric, "best_step": result.best_step,
                 "steps_run": result.steps_run, "wall_s": round(time.perf_counter() - started, 1),
-                "test_examples": report.n, "task": dataset.task.name})
+                "test_examples": report.n, "task": dataset.task.name, "parameters": size})
     rows = list(done.values())
     write_report(rows, out)
     return rows
@@ -171,7 +172,46 @@ def write_report(rows: list[dict], out: Path) -> None:
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    png = out.with_suffix(".png")
+    _save_figure(figure, out.with_suffix(".png"))
+    if len({row["model"] for row in rows if row.get("parameters")}) > 1:
+        write_size_plot(rows, out.with_name(out.name + "-by-size.png"))
+
+
+def write_size_plot(rows: list[dict], png: Path) -> None:
+    """The paper's Figure 1 analogue: test accuracy against model size, one line per method (mean over seeds)."""
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[int, list[float]]] = {}
+    for row in rows:
+        if not row.get("parameters"):
+            continue
+        if row["method"] == "hand-written":
+            name = "prompt design (hand-written template)"
+        elif row["method"] == "model-tuning":
+            name = "model tuning (all weights)"
+        else:
+            name = f"{'prompt tuning' if row['method'] == 'prompt' else 'deep prompt'} K={row['length']} {row['init']}"
+        series.setdefault(name, {}).setdefault(row["parameters"], []).append(row["test_accuracy"])
+    names = {row["parameters"]: row["model"] for row in rows if row.get("parameters")}
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for name, points in sorted(series.items()):
+        sizes = sorted(points)
+        axes.plot(sizes, [statistics.mean(points[s]) for s in sizes], marker="o", label=name)
+    axes.set_xscale("log")
+    axes.set_xticks(sorted(names), [f"{names[s]}\n{s / 1e6:.0f}M" for s in sorted(names)], fontsize=7)
+    axes.minorticks_off()
+    axes.set_xlabel("model (parameters, log scale)")
+    axes.set_ylabel("test accuracy")
+    axes.set_title(f"{rows[0]['task']}: accuracy vs model size")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    _save_figure(figure, png)
+
+
+def _save_figure(figure, png: Path) -> None:
+    import matplotlib.pyplot as plt
+
     tmp = png.with_name(f".{png.name}.tmp.png")
     figure.savefig(tmp, dpi=120)
     plt.close(figure)
