@@ -19,11 +19,11 @@ demo: setup
 	$(BIN)/softprompt train --model smollm2-135m --data rotten-tomatoes --out prompts/rotten-tomatoes.safetensors
 
 test: setup
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench experiments
 	$(BIN)/pytest
 
 lint: setup
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench experiments
 
 clean:
 	rm -rf $(VENV) prompts
