@@ -131,3 +131,20 @@ def test_generation_task_trains_on_the_target_text(tmp_path, llama_backbone):
     saved = SoftPrompt.load(tmp_path / "qa.safetensors")
     assert saved.task.labels is None and saved.training["config"]["objective"] == "lm"
     assert 0.0 <= result.best_metric <= 1.0 and result.steps_run == 4
+
+
+def test_activation_checkpointing_recomputes_layers_and_trains_the_same_prompt(tmp_path, llama_backbone):
+    attention = llama_backbone.model.model.layers[0].self_attn
+    calls = []
+    handle = attention.register_forward_hook(lambda *_: calls.append(1))
+    runs = {}
+    for checkpointing in (False, True):
+        calls.clear()
+        cfg = config(steps=3, eval_every=3, path="concat", activation_checkpointing=checkpointing)
+        runs[checkpointing] = train(llama_backbone, TASK, examples(16), examples(4, 50),
+                                    tmp_path / f"{checkpointing}.safetensors", cfg, show_progress=False)
+        runs[checkpointing, "calls"] = len(calls)
+    handle.remove()
+    torch.testing.assert_close(runs[True].prompt.embeddings, runs[False].prompt.embeddings, atol=1e-6, rtol=0)
+    assert runs[True, "calls"] == runs[False, "calls"] + 3  # each training step ran layer 0's attention twice
+    assert not llama_backbone.model.model.layers[0].training  # switched back off after training

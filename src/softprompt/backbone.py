@@ -125,6 +125,27 @@ class Backbone:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    @contextlib.contextmanager
+    def activation_checkpointing(self):
+        """Recompute each decoder layer's activations in the backward pass instead of storing them (transformers'
+        checkpointing, non-reentrant). Only the layers are put in training mode, since checkpointing is active
+        only there, so dropout modules stay off. Checkpointed layers drop `past_key_values`, so callers must use
+        the concat path."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in self.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if not layers:
+            raise SoftPromptError(f"{self.name!r} does not support activation checkpointing")
+        self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        for layer in layers:
+            layer.training = True  # this module only, not its children (dropout stays in eval mode)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.training = False
+            self.model.activation_checkpointing_disable()
+
     def _leading_special_ids(self) -> list[int]:
         """The BOS the tokenizer would add (Gemma, Llama-2 style); the prompt goes after it."""
         with_special = self.tokenizer("a")["input_ids"]

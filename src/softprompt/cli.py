@@ -112,6 +112,9 @@ def train(
     = TrainConfig.method,
     reparameterize: Annotated[int, typer.Option(
         help="--method prefix: train through a tanh MLP of this hidden width (prefix-tuning); 0: off.")] = 0,
+    activation_checkpointing: Annotated[bool, typer.Option(
+        help="Recompute layer activations in the backward pass (less memory, more time; uses the concat path).")]
+    = False,
     device_map: DeviceMapOption = None,
     devices: Annotated[int, typer.Option(
         help="Processes to train with (torch.distributed: gloo on CPU, nccl on CUDA); same as torchrun.")] = 1,
@@ -138,7 +141,8 @@ def train(
     config = TrainConfig(prompt_length=prompt_length, init=init, optimizer=optimizer, lr=lr, batch_size=batch_size,
                          steps=steps, eval_every=eval_every, patience=patience, valid_limit=valid_limit or None,
                          max_input_tokens=max_length, seed=seed, path=path, objective=objective, schedule=schedule,
-                         method=method, reparameterize=reparameterize)
+                         method=method, reparameterize=reparameterize,
+                         activation_checkpointing=activation_checkpointing)
     if method == "model-tuning":
         _tune_model(backbone, dataset, out, config, max_length)
         return
