@@ -55,7 +55,7 @@ class TrainConfig:
     # "model-tuning": the baseline, every model weight trains (model_tuning.py)
     objective: str = "rank"  # "rank": cross-entropy over the labels' scores; "lm": label tokens' NLL (paper)
     reparameterize: int = 0  # deep prompts: hidden width of prefix-tuning's MLP reparameterization (0: none)
-    activation_checkpointing: bool = False  # recompute layer activations in backward: less memory, ~1.3x time
+    activation_checkpointing: bool = False  # recompute layer activations in backward: less memory, more time
 
     @property
     def learning_rate(self) -> float:
