@@ -1,0 +1,97 @@
+"""Activation checkpointing: memory and time of a training step, with and without it, on long inputs.
+
+    python bench/checkpointing.py [--steps 3] [--batch 8] [--tokens 256]
+
+Real smollm2-135m, real 20newsgroups posts cut to `--tokens` tokens (long inputs are where activations dominate).
+Three ways to run the same step: the default cached-prompt path, the concat reference path, and the concat path with
+`--activation-checkpointing` (checkpointed layers drop past_key_values, so it cannot use the cached path). Each runs
+in its own process; memory = peak RSS above the loaded model and data over all steps (sampled every 2 ms), time =
+mean ms/step after one warm-up step. Ends with one JSON line per mode and the ratios against the cached path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+import threading
+import time
+
+MODES = {"cached": dict(path="cached"), "concat": dict(path="concat"),
+         "concat+checkpointing": dict(path="concat", activation_checkpointing=True)}
+
+
+def measure(mode: str, steps: int, batch: int, tokens: int) -> dict:
+    import psutil
+    import torch
+
+    from softprompt import load_dataset, load_model
+    from softprompt.data import Encoder
+    from softprompt.initializers import initialize
+    from softprompt.train import prompt_loss
+
+    backbone = load_model("smollm2-135m")
+    data = load_dataset("20newsgroups")
+    encoder = Encoder(backbone, data.task, tokens)
+    items = encoder.encode_all(data.train[:batch])
+    prompt = torch.nn.Parameter(initialize("class-label", backbone, 20, data.task, 0))
+    options = MODES[mode]
+
+    def step() -> None:
+        checkpointing = options.get("activation_checkpointing")
+        with backbone.activation_checkpointing() if checkpointing else contextlib.nullcontext():
+            prompt_loss(backbone, encoder, items, prompt, options["path"]).backward()
+        prompt.grad = None
+
+    # The baseline comes before the first step: freed memory stays in the process (RSS), so a baseline taken
+    # after a warm-up step would hide that step's high-water mark.
+    process = psutil.Process()
+    baseline, peak, running = process.memory_info().rss, [0], [True]
+
+    def sample() -> None:
+        while running[0]:
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    step()  # warm-up: counted for memory, not for time
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    elapsed = time.perf_counter() - started
+    running[0] = False
+    sampler.join()
+    return {"mode": mode, "ms_per_step": round(1000 * elapsed / steps, 1),
+            "peak_mib": round((peak[0] - baseline) / 2**20), "tokens": sum(len(i.input_ids) for i in items)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--mode", choices=list(MODES), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mode:
+        print(json.dumps(measure(args.mode, args.steps, args.batch, args.tokens)))
+        return
+    results = {}
+    for mode in MODES:
+        command = [sys.executable, __file__, "--mode", mode, "--steps", str(args.steps), "--batch",
+                   str(args.batch), "--tokens", str(args.tokens)]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        results[mode] = json.loads(output.strip().splitlines()[-1])
+        print(f"{mode:>22}: {results[mode]['ms_per_step']:8.1f} ms/step  peak +{results[mode]['peak_mib']} MiB",
+              file=sys.stderr)
+    base = results["cached"]
+    for result in results.values():
+        result["time_ratio"] = round(result["ms_per_step"] / base["ms_per_step"], 2)
+        result["memory_ratio"] = round(result["peak_mib"] / max(base["peak_mib"], 1), 2)
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
