@@ -16,15 +16,15 @@ import contextlib
 import json
 import subprocess
 import sys
-import threading
 import time
+
+from peak_rss import PeakRSS
 
 MODES = {"cached": dict(path="cached"), "concat": dict(path="concat"),
          "concat+checkpointing": dict(path="concat", activation_checkpointing=True)}
 
 
 def measure(mode: str, steps: int, batch: int, tokens: int) -> dict:
-    import psutil
     import torch
 
     from softprompt import load_dataset, load_model
@@ -45,27 +45,14 @@ def measure(mode: str, steps: int, batch: int, tokens: int) -> dict:
             prompt_loss(backbone, encoder, items, prompt, options["path"]).backward()
         prompt.grad = None
 
-    # The baseline comes before the first step: freed memory stays in the process (RSS), so a baseline taken
-    # after a warm-up step would hide that step's high-water mark.
-    process = psutil.Process()
-    baseline, peak, running = process.memory_info().rss, [0], [True]
-
-    def sample() -> None:
-        while running[0]:
-            peak[0] = max(peak[0], process.memory_info().rss)
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    step()  # warm-up: counted for memory, not for time
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    elapsed = time.perf_counter() - started
-    running[0] = False
-    sampler.join()
-    return {"mode": mode, "ms_per_step": round(1000 * elapsed / steps, 1),
-            "peak_mib": round((peak[0] - baseline) / 2**20), "tokens": sum(len(i.input_ids) for i in items)}
+    with PeakRSS() as peak:
+        step()  # warm-up: counted for memory, not for time
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        elapsed = time.perf_counter() - started
+    return {"mode": mode, "ms_per_step": round(1000 * elapsed / steps, 1), "peak_mib": round(peak.mib),
+            "tokens": sum(len(i.input_ids) for i in items)}
 
 
 def main() -> None:

@@ -19,11 +19,11 @@ import json
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
 import torch
+from peak_rss import PeakRSS
 from random_models import LLAMA_SHAPES, random_llama, stub_tokenizer
 
 CONFIGS = {
@@ -148,25 +148,10 @@ def peak_memory_mib(name: str, method: str, steps: int, compile_layers: bool = F
             step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2**20
-    import psutil
-
-    process = psutil.Process()
-    baseline = process.memory_info().rss
-    peak = [baseline]
-    running = [True]
-
-    def sample() -> None:
-        while running[0]:
-            peak[0] = max(peak[0], process.memory_info().rss)
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    for _ in range(steps):
-        step()
-    running[0] = False
-    thread.join()
-    return (peak[0] - baseline) / 2**20
+    with PeakRSS() as peak:
+        for _ in range(steps):
+            step()
+    return peak.mib
 
 
 def run_config(name: str, steps: int, warmup: int, compile_layers: bool = False) -> dict:

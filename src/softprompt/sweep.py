@@ -162,17 +162,8 @@ def write_report(rows: list[dict], out: Path) -> None:
             continue
         lengths = sorted(points)
         axes.plot(lengths, [points[k] for k in lengths], marker="o", label=f"{model} {method} {init}")
-    axes.set_xscale("log")
-    if all_lengths:
-        axes.set_xticks(all_lengths, [str(k) for k in all_lengths])
-        axes.minorticks_off()
-    axes.set_xlabel("prompt length K (log scale)")
-    axes.set_ylabel("test accuracy")
-    axes.set_title(f"{rows[0]['task'] if rows else ''}: test accuracy vs prompt length")
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    _save_figure(figure, out.with_suffix(".png"))
+    _finish(figure, axes, all_lengths, [str(k) for k in all_lengths], "prompt length K (log scale)",
+            f"{rows[0]['task'] if rows else ''}: test accuracy vs prompt length", out.with_suffix(".png"))
     if len({row["model"] for row in rows if row.get("parameters")}) > 1:
         write_size_plot(rows, out.with_name(out.name + "-by-size.png"))
 
@@ -197,21 +188,24 @@ def write_size_plot(rows: list[dict], png: Path) -> None:
     for name, points in sorted(series.items()):
         sizes = sorted(points)
         axes.plot(sizes, [statistics.mean(points[s]) for s in sizes], marker="o", label=name)
+    _finish(figure, axes, sorted(names), [f"{names[s]}\n{s / 1e6:.0f}M" for s in sorted(names)],
+            "model (parameters, log scale)", f"{rows[0]['task']}: accuracy vs model size", png)
+
+
+def _finish(figure, axes, ticks: list, tick_labels: list[str], xlabel: str, title: str, png: Path) -> None:
+    """Log x axis with the given ticks, labels, grid, legend; then written atomically."""
+    import matplotlib.pyplot as plt
+
     axes.set_xscale("log")
-    axes.set_xticks(sorted(names), [f"{names[s]}\n{s / 1e6:.0f}M" for s in sorted(names)], fontsize=7)
-    axes.minorticks_off()
-    axes.set_xlabel("model (parameters, log scale)")
+    if ticks:
+        axes.set_xticks(ticks, tick_labels, fontsize=8)
+        axes.minorticks_off()
+    axes.set_xlabel(xlabel)
     axes.set_ylabel("test accuracy")
-    axes.set_title(f"{rows[0]['task']}: accuracy vs model size")
+    axes.set_title(title)
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    _save_figure(figure, png)
-
-
-def _save_figure(figure, png: Path) -> None:
-    import matplotlib.pyplot as plt
-
     tmp = png.with_name(f".{png.name}.tmp.png")
     figure.savefig(tmp, dpi=120)
     plt.close(figure)
