@@ -2,6 +2,7 @@
 
     python bench/train_step.py --config cpu-smollm2-k20          # one configuration
     python bench/train_step.py --config all-cpu                  # cpu-smollm2-k20 and cpu-smollm2-k100
+    python bench/train_step.py --config cuda-1b-k100 --profile   # where each method's step time goes
 
 Timing: both methods in one process, alternating step by step after warm-up; median ms/step.
 Memory: CUDA: torch.cuda.max_memory_allocated over each method's steps (reset before each). CPU: each method in a
@@ -154,6 +155,33 @@ def peak_memory_mib(name: str, method: str, steps: int, compile_layers: bool = F
     return peak.mib
 
 
+def profile(name: str, steps: int, warmup: int, compile_layers: bool = False, top: int = 20) -> None:
+    """torch.profiler over each method's steps: the operators that take the time (device time on CUDA), and how much
+    of the step the host spends launching work (the device idles when host time exceeds device time)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as run_profiler
+
+    setup = build(name, compile_layers)
+    device = CONFIGS[name]["device"]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sort_key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    for method in ("peft", "ours"):
+        step = setup.ours_step if method == "ours" else setup.peft_step
+        for _ in range(warmup):
+            step()
+        sync(device)
+        with run_profiler(activities=activities) as profiler:
+            for _ in range(steps):
+                step()
+            sync(device)
+        events = profiler.key_averages()
+        host_ms = sum(event.self_cpu_time_total for event in events) / 1000 / steps
+        device_ms = sum(getattr(event, "self_device_time_total", 0) for event in events) / 1000 / steps
+        print(f"== {name} {method}: host {host_ms:.1f} ms/step, device kernels {device_ms:.1f} ms/step",
+              file=sys.stderr)
+        print(events.table(sort_by=sort_key, row_limit=top, max_name_column_width=60), file=sys.stderr)
+
+
 def run_config(name: str, steps: int, warmup: int, compile_layers: bool = False) -> dict:
     timing = time_steps(name, steps, warmup, compile_layers)
     if CONFIGS[name]["device"] == "cuda":
@@ -184,12 +212,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (both methods)")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per method instead")
     parser.add_argument("--memory-of", choices=["ours", "peft"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_of:
         print(json.dumps({"peak_mib": peak_memory_mib(args.config, args.memory_of, args.steps, args.compile)}))
         return
     names = GROUPS.get(args.config, [args.config])
+    if args.profile:
+        for name in names:
+            profile(name, args.steps, args.warmup, args.compile)
+        return
     results = []
     for name in names:
         print(f"== {name}: {CONFIGS[name]}", file=sys.stderr)
