@@ -5,9 +5,10 @@
     python bench/train_step.py --config cuda-1b-k100 --profile   # where each method's step time goes
 
 Timing: both methods in one process, alternating step by step after warm-up; median ms/step.
-Memory: CUDA: torch.cuda.max_memory_allocated over each method's steps (reset before each). CPU: each method in a
-fresh subprocess, a thread sampling RSS every 2 ms; peak RSS during the steps minus RSS just before them (the
-activation + gradient memory the step adds on top of the loaded model).
+Memory: CUDA: torch.cuda.max_memory_allocated over each method's steps, after the timing in the same process (peak
+reset before each method; the other method's activations are freed by then, so a compiled model compiles once).
+CPU: each method in a fresh subprocess, a thread sampling RSS every 2 ms; peak RSS during the steps minus RSS just
+before them (the activation + gradient memory the step adds on top of the loaded model).
 Both compute the same loss: negative log-likelihood of the label token after prompt + input. PEFT runs the model
 with `labels` (full [B, T, V] logits); softprompt computes the prompt's keys/values once per batch and the LM head
 only at the label position. Ends with one JSON line per configuration.
@@ -75,9 +76,8 @@ def build(name: str, compile_layers: bool = False) -> Setup:
         lengths = torch.tensor([len(item.input_ids) for item in items])
         targets = torch.tensor([item.target_ids[0] for item in items])
     model = backbone.model
-    if compile_layers:  # in place: PEFT runs the same compiled layers, so the comparison stays like for like
-        for layer in backbone.body.layers:
-            layer.compile(dynamic=True)
+    if compile_layers:  # in place: PEFT runs the same compiled decoder stack, so the comparison stays like for like
+        backbone.compile()
     rows = torch.arange(len(lengths))
     mask = (torch.arange(ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).long()
     batch = TokenBatch(ids, mask, rows, lengths - 1, targets)
@@ -132,9 +132,21 @@ def time_steps(name: str, steps: int, warmup: int, compile_layers: bool = False)
             sync(device)
             if index >= warmup:
                 timings[method].append((time.perf_counter() - start) * 1000)
+            elif index == 0:  # includes compilation with --compile
+                print(f"  {method}: first step {time.perf_counter() - start:.1f} s", file=sys.stderr)
     result = {method: statistics.median(values) for method, values in timings.items()}
     result["tokens_per_step"] = setup.tokens_per_step
-    return result
+    return result, setup
+
+
+def cuda_peak_mib(step, steps: int) -> float:
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def peak_memory_mib(name: str, method: str, steps: int, compile_layers: bool = False) -> float:
@@ -142,13 +154,7 @@ def peak_memory_mib(name: str, method: str, steps: int, compile_layers: bool = F
     setup = build(name, compile_layers)
     step = setup.ours_step if method == "ours" else setup.peft_step
     if CONFIGS[name]["device"] == "cuda":
-        step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
+        return cuda_peak_mib(step, steps)
     with PeakRSS() as peak:
         for _ in range(steps):
             step()
@@ -158,6 +164,7 @@ def peak_memory_mib(name: str, method: str, steps: int, compile_layers: bool = F
 def profile(name: str, steps: int, warmup: int, compile_layers: bool = False, top: int = 20) -> None:
     """torch.profiler over each method's steps: the operators that take the time (device time on CUDA), and how much
     of the step the host spends launching work (the device idles when host time exceeds device time)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as run_profiler
 
@@ -176,22 +183,24 @@ def profile(name: str, steps: int, warmup: int, compile_layers: bool = False, to
             sync(device)
         events = profiler.key_averages()
         host_ms = sum(event.self_cpu_time_total for event in events) / 1000 / steps
-        device_ms = sum(getattr(event, "self_device_time_total", 0) for event in events) / 1000 / steps
+        device_ms = sum(event.self_device_time_total for event in events  # kernels only, as torch's own total
+                        if event.device_type == DeviceType.CUDA and not event.is_user_annotation) / 1000 / steps
         print(f"== {name} {method}: host {host_ms:.1f} ms/step, device kernels {device_ms:.1f} ms/step",
               file=sys.stderr)
         print(events.table(sort_by=sort_key, row_limit=top, max_name_column_width=60), file=sys.stderr)
 
 
 def run_config(name: str, steps: int, warmup: int, compile_layers: bool = False) -> dict:
-    timing = time_steps(name, steps, warmup, compile_layers)
+    timing, setup = time_steps(name, steps, warmup, compile_layers)
     if CONFIGS[name]["device"] == "cuda":
-        torch.cuda.empty_cache()
-    memory = {}
-    for method in ("peft", "ours"):
-        command = [sys.executable, __file__, "--config", name, "--memory-of", method, "--steps", "3",
-                   *(["--compile"] if compile_layers else [])]
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        memory[method] = json.loads(output.strip().splitlines()[-1])["peak_mib"]
+        memory = {"peft": cuda_peak_mib(setup.peft_step, 3), "ours": cuda_peak_mib(setup.ours_step, 3)}
+    else:
+        memory = {}
+        for method in ("peft", "ours"):
+            command = [sys.executable, __file__, "--config", name, "--memory-of", method, "--steps", "3",
+                       *(["--compile"] if compile_layers else [])]
+            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            memory[method] = json.loads(output.strip().splitlines()[-1])["peak_mib"]
     tokens = timing["tokens_per_step"]
     return {
         "config": name + ("+compile" if compile_layers else ""),
@@ -211,7 +220,7 @@ def main() -> None:
     parser.add_argument("--config", required=True, choices=[*CONFIGS, *GROUPS])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (both methods)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decoder stack (both methods)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per method instead")
     parser.add_argument("--memory-of", choices=["ours", "peft"], help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -44,6 +44,44 @@ def test_cached_path_equals_concat_reference(tiny_backbone, mixed):
         assert cached_grad[1].abs().sum() > 0 and cached_grad[2].abs().sum() > 0
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_prompt_keys_as_plain_tensors_equal_the_cache_object_path(arch, monkeypatch):
+    """The cached path's attention with prompt keys/values as plain tensors (prefix_attention.py) gives the same
+    log-probs and prompt gradient as handing them over in a transformers DynamicCache, mixed prompts and padding."""
+    from conftest import make_backbone
+
+    from softprompt import prefix_attention
+
+    backbone = make_backbone(arch)
+    assert backbone.prefix_attention
+    backbone.model.config.sliding_window = 64 if arch == "gemma3" else None  # the whole prefix fits the window
+    masks_built = []
+    build_mask = prefix_attention.prefix_causal_mask
+    monkeypatch.setattr(prefix_attention, "prefix_causal_mask", lambda *a: masks_built.append(1) or build_mask(*a))
+    batch = training_batch(backbone)
+    prompts = (torch.randn(2, 5, backbone.d_model) * 0.5).requires_grad_(True)
+    index = torch.tensor([0, 1, 1, 0])
+    results = []
+    for plain_tensors in (True, False):
+        backbone.prefix_attention = plain_tensors
+        masks_built.clear()
+        logprobs = backbone.target_logprobs(batch, prompts, index)
+        (grad,) = torch.autograd.grad(-logprobs.sum(), prompts)
+        results.append((logprobs.detach(), grad))
+        assert len(masks_built) == plain_tensors  # the path under test really ran
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-4)
+
+
+def test_prefix_attention_steps_aside_when_a_sliding_window_is_too_short():
+    from conftest import make_backbone
+
+    from softprompt import prefix_attention
+
+    backbone = make_backbone("gemma3")  # sliding_window=16: the existing equivalence tests run past it
+    assert prefix_attention.fits(backbone.model, 16) and not prefix_attention.fits(backbone.model, 17)
+
+
 def test_target_logprobs_equal_full_logit_scoring(tiny_backbone):
     """Logits at the target positions only == the model's own full [B, T, V] logits at those positions."""
     batch = training_batch(tiny_backbone)
@@ -157,3 +195,23 @@ def test_a_device_map_with_a_layer_on_disk_scores_and_trains_like_the_plain_load
     trained = [train(b, task, examples, examples, tmp_path / f"{i}.safetensors", config, show_progress=False)
                for i, b in enumerate((plain, mapped))]
     torch.testing.assert_close(trained[1].prompt.embeddings, trained[0].prompt.embeddings, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_decoder_stack_gives_the_same_scores_and_gradients():
+    """`Backbone.compile` (torch.compile, dynamic shapes) changes speed, not numbers: two batch lengths, mixed
+    prompts, the prompt keys/values as plain tensors."""
+    from conftest import make_backbone
+
+    reference, compiled = make_backbone("llama"), make_backbone("llama")
+    compiled.compile()
+    prompts = torch.randn(2, 3, reference.d_model) * 0.5
+    for texts in (TEXTS, TEXTS[:2]):
+        results = []
+        for backbone in (reference, compiled):
+            batch = training_batch(backbone, texts)
+            trainable = prompts.clone().requires_grad_(True)
+            logprobs = backbone.target_logprobs(batch, trainable, torch.tensor([0, 1, 1, 0])[: len(texts)])
+            (grad,) = torch.autograd.grad(-logprobs.sum(), trainable)
+            results.append((logprobs.detach(), grad))
+        torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-4)

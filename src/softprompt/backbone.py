@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from . import prefix_attention
 from .errors import SoftPromptError
 
 
@@ -118,6 +119,16 @@ class Backbone:
         self.bos_ids = self._leading_special_ids()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
         self.precision = resolve_precision(precision, self.device)
+        # Prompt keys/values as plain tensors in attention (compilable, no cache object) where the family allows.
+        self.prefix_attention = prefix_attention.supports(model)
+        if self.prefix_attention:
+            prefix_attention.enable(model)
+
+    def compile(self) -> None:
+        """torch.compile the decoder stack in place. Dynamic shapes: length-bucketed batches share one graph."""
+        if self.is_seq2seq or self.is_encoder_only:
+            raise SoftPromptError(f"--compile supports causal LMs; {self.name!r} is not one")
+        self.body.compile(dynamic=True)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 matmuls over fp32 weights and an fp32 prompt (the master copy stays fp32)."""
@@ -256,23 +267,19 @@ class Backbone:
         prompt_index = prompt_index.to(self.device)
         if path == "cached":
             prefix = prompt_kv if prompt_kv is not None else self.prompt_key_values(prompts)
-            cache = None
-            if prefix.width:
-                cache = DynamicCache(
-                    ddp_cache_data=[(gather_rows(k, prompt_index), gather_rows(v, prompt_index))
-                                    for k, v in prefix.layers],
-                    config=self.model.config,
-                )
             positions = prefix.lengths[prompt_index].unsqueeze(1) + torch.arange(length, device=self.device)
-            full_mask = torch.cat([gather_rows(prefix.mask, prompt_index), mask], dim=1)
+            prefix_mask = gather_rows(prefix.mask, prompt_index)
+            layers = [(gather_rows(k, prompt_index), gather_rows(v, prompt_index)) for k, v in prefix.layers]
+            if layers and self.prefix_attention and prefix_attention.fits(self.model, prefix.width + length):
+                inputs = dict(attention_mask=prefix_attention.prefix_causal_mask(prefix_mask, mask),
+                              prefix_key_values=layers, use_cache=False)
+            else:
+                cache = DynamicCache(ddp_cache_data=layers, config=self.model.config) if layers else None
+                inputs = dict(attention_mask=torch.cat([prefix_mask, mask], dim=1), past_key_values=cache,
+                              use_cache=cache is not None)
             with self.autocast():
-                hidden = self.body(
-                    inputs_embeds=self.embed(input_ids),
-                    attention_mask=full_mask,
-                    position_ids=positions,
-                    past_key_values=cache,
-                    use_cache=cache is not None,
-                ).last_hidden_state
+                hidden = self.body(inputs_embeds=self.embed(input_ids), position_ids=positions,
+                                   **inputs).last_hidden_state
         elif path == "concat":
             prefix = self.prefix_embeddings(prompts)
             prefix_length = prefix.shape[1]

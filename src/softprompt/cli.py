@@ -115,6 +115,9 @@ def train(
     activation_checkpointing: Annotated[bool, typer.Option(
         help="Recompute layer activations in the backward pass (less memory, more time; uses the concat path).")]
     = False,
+    compile_stack: Annotated[bool, typer.Option(
+        "--compile", help="torch.compile the decoder stack (worth it on GPUs; compiling takes a minute or more).")]
+    = False,
     device_map: DeviceMapOption = None,
     devices: Annotated[int, typer.Option(
         help="Processes to train with (torch.distributed: gloo on CPU, nccl on CUDA); same as torchrun.")] = 1,
@@ -142,7 +145,7 @@ def train(
                          steps=steps, eval_every=eval_every, patience=patience, valid_limit=valid_limit or None,
                          max_input_tokens=max_length, seed=seed, path=path, objective=objective, schedule=schedule,
                          method=method, reparameterize=reparameterize,
-                         activation_checkpointing=activation_checkpointing)
+                         activation_checkpointing=activation_checkpointing, compile=compile_stack)
     if method == "model-tuning":
         _tune_model(backbone, dataset, out, config, max_length)
         return

@@ -56,6 +56,7 @@ class TrainConfig:
     objective: str = "rank"  # "rank": cross-entropy over the labels' scores; "lm": label tokens' NLL (paper)
     reparameterize: int = 0  # deep prompts: hidden width of prefix-tuning's MLP reparameterization (0: none)
     activation_checkpointing: bool = False  # recompute layer activations in backward: less memory, more time
+    compile: bool = False  # torch.compile the decoder stack (first steps slower while it compiles)
 
     @property
     def learning_rate(self) -> float:
@@ -208,6 +209,8 @@ def train(
             raise SoftPromptError("activation checkpointing works with --method prompt (deep prompts are keys/values "
                                   "that checkpointed layers would drop)")
         config = replace(config, path="concat")  # checkpointed layers drop past_key_values: no cached prompt
+    if config.compile:
+        backbone.compile()
     if backbone.is_encoder_only:  # the label head trains with the prompt, as rows after it (encoder_model.py)
         initial = torch.cat([embeddings, backbone.label_head(task)])
     trainable = trainable_prompt(initial, embeddings, config.reparameterize).to(backbone.device)
