@@ -27,7 +27,7 @@ for section in "${sections[@]}"; do
       | tee "$OUT/profile_cuda.log" ;;
     serve)  # issue #4: a random-weight 1B Llama behind the real server
       if python3 -c "import fastapi, uvicorn, httpx" 2>/dev/null; then
-        timeout 420 python3 bench/serve.py --quick --random-model llama-1b ${SERVE_SECONDS:+--seconds $SERVE_SECONDS} 2>&1 | tee "$OUT/bench_serve_cuda.log"
+        timeout 420 python3 bench/serve.py --quick --random-model llama-1b --client-processes 8 ${SERVE_SECONDS:+--seconds $SERVE_SECONDS} 2>&1 | tee "$OUT/bench_serve_cuda.log"
       else
         echo "serving bench skipped: fastapi/uvicorn/httpx not importable" | tee "$OUT/bench_serve_cuda.log"
       fi ;;

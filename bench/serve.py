@@ -2,13 +2,15 @@
 
     python bench/serve.py --quick        # ~4 minutes: 15 s per scenario, 200 clients for 20 s
     python bench/serve.py                # 40 s per scenario, 200 clients for 60 s
-    python bench/serve.py --quick --random-model llama-1b   # GPU machines: a random-weight 1B Llama (no weights
-                                                            # travel there), word-level stub tokenizer
+    python bench/serve.py --quick --random-model llama-1b --client-processes 8
+        # GPU machines: a random-weight 1B Llama (no weights travel there), word-level stub tokenizer
 
 Real smollm2-135m, real Rotten Tomatoes test sentences, 16 prompt files (vocab-initialised, K=20; throughput does
 not depend on their values) plus one of K=1 and one of K=100. Each server is a separate `softprompt serve` process;
 the load comes from this process (asyncio + httpx, N concurrent clients, each sending one-input requests
-back to back until the scenario's time is up). Scenarios:
+back to back until the scenario's time is up; `--client-processes N` splits them over N processes). Each scenario
+also reports, from the server's /metrics, its mean batch size and the share of the time the model was busy: a
+model busy well under 100% means the ceiling is the HTTP side or the load generator, not the model. Scenarios:
   (a) single: every request to one prompt;   (b) mixed: requests spread over the 16 prompts;
   (c) sequential: as (b), but the server batches one prompt at a time (`--batching per-prompt`, how servers
       without per-example prompts must work);   (d) p50 latency of K=100 vs K=1, one client;
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -97,8 +100,10 @@ class Server:
         self.process.wait(timeout=30)
 
 
-async def load(url: str, prompt_names: list[str], texts: list[str], clients: int, seconds: float) -> dict:
-    """`clients` concurrent loops of one-input requests until `seconds` pass; bounded in time by construction."""
+async def load(url: str, prompt_names: list[str], texts: list[str], clients: int, seconds: float,
+               first_client: int = 0) -> tuple[list[float], int, float]:
+    """`clients` concurrent loops of one-input requests until `seconds` pass; bounded in time by construction.
+    Returns the successful requests' latencies, the error count and the elapsed seconds."""
     latencies, errors = [], 0
     deadline = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -122,12 +127,49 @@ async def load(url: str, prompt_names: list[str], texts: list[str], clients: int
                 sent += 1
 
         started = time.perf_counter()
-        await asyncio.gather(*(one_client(n) for n in range(clients)))
+        await asyncio.gather(*(one_client(first_client + n) for n in range(clients)))
         elapsed = time.perf_counter() - started
-    ordered = sorted(latencies) or [float("nan")]
-    return {"rps": len(latencies) / elapsed, "p50_ms": 1000 * statistics.median(ordered),
-            "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], "ok": len(latencies),
-            "errors": errors}
+    return latencies, errors, elapsed
+
+
+def _load_in_process(arguments: tuple) -> tuple[list[float], int, float]:
+    return asyncio.run(load(*arguments))
+
+
+def server_counters(url: str) -> dict[str, float]:
+    """The batcher's counters from GET /metrics: batches, items, seconds the model was busy."""
+    wanted = {"softprompt_batches_total": "batches", "softprompt_batch_items_total": "items",
+              "softprompt_batch_seconds_sum": "model_s"}
+    counters = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in wanted:
+            counters[wanted[name]] = float(value)
+    return counters
+
+
+def scenario(url: str, prompt_names: list[str], texts: list[str], clients: int, seconds: float,
+             processes: int = 1) -> dict:
+    """Run the load (split over `processes` client processes, so one Python process is not the ceiling) and
+    summarise it, with the server's mean batch size and the share of the time its model was busy."""
+    before = server_counters(url)
+    shares = [clients // processes + (index < clients % processes) for index in range(processes)]
+    jobs = [(url, prompt_names, texts, share, seconds, sum(shares[:index])) for index, share in enumerate(shares)
+            if share]
+    if len(jobs) == 1:
+        parts = [_load_in_process(jobs[0])]
+    else:
+        with ProcessPoolExecutor(len(jobs)) as pool:
+            parts = list(pool.map(_load_in_process, jobs))
+    after = server_counters(url)
+    latencies = sorted(latency for part in parts for latency in part[0]) or [float("nan")]
+    elapsed = max(part[2] for part in parts)
+    batches = max(after["batches"] - before["batches"], 1)
+    return {"rps": sum(len(part[0]) for part in parts) / elapsed, "p50_ms": 1000 * statistics.median(latencies),
+            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+            "ok": sum(len(part[0]) for part in parts), "errors": sum(part[1] for part in parts),
+            "mean_batch": (after["items"] - before["items"]) / batches,
+            "model_busy": (after["model_s"] - before["model_s"]) / elapsed}
 
 
 def main() -> None:
@@ -139,6 +181,8 @@ def main() -> None:
     parser.add_argument("--random-model", choices=sorted(LLAMA_SHAPES),
                         help="Serve a random-weight Llama of this shape instead of --model.")
     parser.add_argument("--seconds", type=float, help="Override the seconds per scenario (smoke runs).")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="Split the clients over this many processes (machines with cores to spare).")
     args = parser.parse_args()
     seconds, soak = (15, 20) if args.quick else (40, 60)
     if args.seconds:
@@ -156,19 +200,21 @@ def main() -> None:
             model = str(save_random_llama(Path(directory) / args.random_model, args.random_model,
                                           [word for text in texts for word in text.split()]))
         make_prompts(prompts, model)
+        processes = args.client_processes
         with Server(model, prompts, "mixed", args.max_batch) as server:
-            asyncio.run(load(server.url, ["p00"], texts, 4, 3))  # warm-up
-            results["single"] = asyncio.run(load(server.url, ["p00"], texts, args.clients, seconds))
-            results["mixed"] = asyncio.run(load(server.url, sixteen, texts, args.clients, seconds))
-            results["k1"] = asyncio.run(load(server.url, ["k1"], texts, 1, seconds / 2))
-            results["k100"] = asyncio.run(load(server.url, ["k100"], texts, 1, seconds / 2))
-            results["soak"] = asyncio.run(load(server.url, sixteen, texts, 200, soak))
+            scenario(server.url, ["p00"], texts, 4, 3)  # warm-up
+            results["single"] = scenario(server.url, ["p00"], texts, args.clients, seconds, processes)
+            results["mixed"] = scenario(server.url, sixteen, texts, args.clients, seconds, processes)
+            results["k1"] = scenario(server.url, ["k1"], texts, 1, seconds / 2)
+            results["k100"] = scenario(server.url, ["k100"], texts, 1, seconds / 2)
+            results["soak"] = scenario(server.url, sixteen, texts, 200, soak, processes)
         with Server(model, prompts, "per-prompt", args.max_batch) as server:
-            asyncio.run(load(server.url, ["p00"], texts, 4, 3))
-            results["sequential"] = asyncio.run(load(server.url, sixteen, texts, args.clients, seconds))
+            scenario(server.url, ["p00"], texts, 4, 3)
+            results["sequential"] = scenario(server.url, sixteen, texts, args.clients, seconds, processes)
     for name, result in results.items():
         print(f"{name:>10}: {result['rps']:7.1f} req/s  p50 {result['p50_ms']:8.1f} ms  p99 {result['p99_ms']:8.1f} ms"
-              f"  ok {result['ok']}  errors {result['errors']}", file=sys.stderr)
+              f"  ok {result['ok']}  errors {result['errors']}  mean batch {result['mean_batch']:5.1f}"
+              f"  model busy {result['model_busy']:4.0%}", file=sys.stderr)
     summary = {
         "single_rps": round(results["single"]["rps"], 2),
         "mixed_rps": round(results["mixed"]["rps"], 2),

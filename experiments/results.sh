@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every number published in docs/results/, in the order they were produced. Resumable: finished sweep cells,
 # trained prompts and tuned models are kept and skipped. Run from the repository root after `make setup`:
-#   bash experiments/results.sh [ablation|newsgroups|seeds|ensemble|model-tuning|domain-shift|scale]...   (default: all)
+#   bash experiments/results.sh [ablation|newsgroups|seeds|ensemble|model-tuning|domain-shift|scale|scale-lr]...   (default: all)
 # 2 CPU cores, about 2 hours for everything; each section writes its results as it goes.
 set -euo pipefail
 SP=${SP:-.venv/bin/softprompt}
@@ -9,7 +9,7 @@ R=docs/results
 P=prompts/results
 mkdir -p "$R" "$P"
 sections=("$@")
-[ ${#sections[@]} -gt 0 ] || sections=(ablation newsgroups seeds ensemble model-tuning domain-shift scale)
+[ ${#sections[@]} -gt 0 ] || sections=(ablation newsgroups seeds ensemble model-tuning domain-shift scale scale-lr)
 
 ablation() {  # the paper's length x init ablation on the default model (resumes: K=100 was added last)
   $SP sweep --out $R/ablation-smollm2 --lengths 1,5,20 --inits class-label,vocab,uniform \
@@ -61,6 +61,13 @@ scale() {  # prompt tuning vs model tuning vs prompt design across model sizes (
   $SP sweep --out $R/scale --models smollm2-135m,gemma3-270m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b \
     --methods prompt,model-tuning --lengths 20 --inits class-label --steps 60 --eval-every 20 \
     --valid-limit 200 --test-limit 500
+}
+
+scale_lr() {  # the 1.5B prompt with a 10x lower learning rate (the default 0.01 made validation fall), same budget
+  local out=$P/scale-qwen1.5b-lr1e-3.safetensors
+  [ -f $out ] || $SP train --model qwen2.5-coder-1.5b --data rotten-tomatoes --lr 0.001 --steps 60 --eval-every 20 \
+    --valid-limit 200 --no-baseline --out $out
+  $SP eval --prompt $out --data rotten-tomatoes --limit 500 --json > $R/scale-qwen1.5b-lr1e-3.json
 }
 
 for section in "${sections[@]}"; do

@@ -96,6 +96,9 @@ def test_concurrent_requests_are_batched_and_match_single_answers(client, served
     batches = int(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("softprompt_batches")))
     assert batches < 8  # at least two requests shared a forward pass
     assert 'softprompt_requests_total{path="/v1/classify",status="200"} 8' in metrics
+    model_seconds = float(next(line.split()[-1] for line in metrics.splitlines()
+                               if line.startswith("softprompt_batch_seconds_sum")))
+    assert model_seconds > 0 and f"softprompt_batch_seconds_count {batches}" in metrics
 
 
 def test_list_prompts_shows_served_and_rejected(client):

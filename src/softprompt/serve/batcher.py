@@ -28,12 +28,12 @@ class Batcher:
     one-prompt-at-a-time baseline that single-adapter servers are limited to."""
 
     def __init__(self, run: Callable[[list], list], max_batch: int = 32, max_wait_ms: float = 5.0,
-                 on_batch: Callable[[int, list[float]], None] | None = None,
+                 on_batch: Callable[[int, list[float], float], None] | None = None,
                  group_key: Callable[[Job], Hashable] | None = None):
         self.run = run
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
-        self.on_batch = on_batch  # (batch size, queue waits in seconds) for metrics
+        self.on_batch = on_batch  # (batch size, queue waits, model seconds) for metrics
         self.group_key = group_key
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.pending: deque[Job] = deque()  # taken off the queue, waiting for a batch they fit
@@ -95,14 +95,16 @@ class Batcher:
 
     def _run(self, batch: list[Job], size: int) -> None:
         started = time.perf_counter()
-        if self.on_batch:
-            self.on_batch(size, [started - job.queued_at for job in batch])
+        waits = [started - job.queued_at for job in batch]
         try:
             results = self.run([item for job in batch for item in job.items])
         except Exception as error:  # every waiting request gets the error, the worker lives on
             for job in batch:
                 job.loop.call_soon_threadsafe(_set_exception, job.future, error)
             return
+        finally:
+            if self.on_batch:
+                self.on_batch(size, waits, time.perf_counter() - started)
         offset = 0
         for job in batch:
             part = results[offset : offset + len(job.items)]

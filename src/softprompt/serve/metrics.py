@@ -19,6 +19,7 @@ class Metrics:
         self.batch_items = 0
         self.queue_wait_sum = 0.0
         self.queue_wait_count = 0
+        self.batch_seconds = 0.0  # time the model spent on batches: busy fraction = its rate over wall time
 
     def request(self, path: str, status: int, seconds: float) -> None:
         with self.lock:
@@ -29,8 +30,9 @@ class Metrics:
                 if seconds <= bound:
                     self.latency_buckets[bound] += 1
 
-    def batch(self, size: int, waits: list[float]) -> None:
+    def batch(self, size: int, waits: list[float], seconds: float) -> None:
         with self.lock:
+            self.batch_seconds += seconds
             self.batches += 1
             self.batch_items += size
             self.queue_wait_sum += sum(waits)
@@ -52,6 +54,9 @@ class Metrics:
                 f"softprompt_batches_total {self.batches}",
                 "# TYPE softprompt_batch_items_total counter",
                 f"softprompt_batch_items_total {self.batch_items}",
+                "# TYPE softprompt_batch_seconds summary",
+                f"softprompt_batch_seconds_sum {self.batch_seconds:.6f}",
+                f"softprompt_batch_seconds_count {self.batches}",
                 "# TYPE softprompt_queue_wait_seconds summary",
                 f"softprompt_queue_wait_seconds_sum {self.queue_wait_sum:.6f}",
                 f"softprompt_queue_wait_seconds_count {self.queue_wait_count}",
