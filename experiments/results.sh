@@ -63,11 +63,13 @@ scale() {  # prompt tuning vs model tuning vs prompt design across model sizes (
     --valid-limit 200 --test-limit 500
 }
 
-scale_lr() {  # the 1.5B prompt with a 10x lower learning rate (the default 0.01 made validation fall), same budget
-  local out=$P/scale-qwen1.5b-lr1e-3.safetensors
-  [ -f $out ] || $SP train --model qwen2.5-coder-1.5b --data rotten-tomatoes --lr 0.001 --steps 60 --eval-every 20 \
-    --valid-limit 200 --no-baseline --out $out
-  $SP eval --prompt $out --data rotten-tomatoes --limit 500 --json > $R/scale-qwen1.5b-lr1e-3.json
+scale_lr() {  # Qwen prompts with a 10x lower learning rate (0.01 made the 1.5B's validation fall), same budget
+  for model in qwen2.5-coder-1.5b qwen2.5-coder-0.5b; do
+    local out=$P/scale-${model#qwen2.5-coder-}-lr1e-3.safetensors
+    [ -f "$out" ] || $SP train --model $model --data rotten-tomatoes --lr 0.001 --steps 60 --eval-every 20 \
+      --valid-limit 200 --no-baseline --out "$out"
+    $SP eval --prompt "$out" --data rotten-tomatoes --limit 500 --json > $R/scale-${model#qwen2.5-coder-}-lr1e-3.json
+  done
 }
 
 for section in "${sections[@]}"; do
