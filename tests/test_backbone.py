@@ -45,9 +45,10 @@ def test_cached_path_equals_concat_reference(tiny_backbone, mixed):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
-def test_prompt_keys_as_plain_tensors_equal_the_cache_object_path(arch, monkeypatch):
-    """The cached path's attention with prompt keys/values as plain tensors (prefix_attention.py) gives the same
-    log-probs and prompt gradient as handing them over in a transformers DynamicCache, mixed prompts and padding."""
+def test_three_ways_to_hand_prompt_keys_to_attention_agree(arch, monkeypatch):
+    """prefix_attention.py: prompts and tokens packed in one pass (training), precomputed prompt keys/values as
+    plain tensors (evaluation, serving), and the transformers DynamicCache fallback give the same log-probs and
+    prompt gradient, with mixed prompts and padding."""
     from conftest import make_backbone
 
     from softprompt import prefix_attention
@@ -55,22 +56,31 @@ def test_prompt_keys_as_plain_tensors_equal_the_cache_object_path(arch, monkeypa
     backbone = make_backbone(arch)
     assert backbone.prefix_attention
     backbone.model.config.sliding_window = 64 if arch == "gemma3" else None  # the whole prefix fits the window
-    masks_built = []
-    build_mask = prefix_attention.prefix_causal_mask
-    monkeypatch.setattr(prefix_attention, "prefix_causal_mask", lambda *a: masks_built.append(1) or build_mask(*a))
+    built = {"packed": 0, "mask": 0}
+    packed_type, build_mask = prefix_attention.PackedPrompts, prefix_attention.prefix_causal_mask
+
+    def count(name, function):
+        return lambda *args: built.__setitem__(name, built[name] + 1) or function(*args)
+
+    monkeypatch.setattr(prefix_attention, "PackedPrompts", count("packed", packed_type))
+    monkeypatch.setattr(prefix_attention, "prefix_causal_mask", count("mask", build_mask))
     batch = training_batch(backbone)
     prompts = (torch.randn(2, 5, backbone.d_model) * 0.5).requires_grad_(True)
     index = torch.tensor([0, 1, 1, 0])
     results = []
-    for plain_tensors in (True, False):
+    for way, plain_tensors, expected in [("packed", True, {"packed": 1, "mask": 1}),
+                                         ("precomputed", True, {"packed": 0, "mask": 1}),
+                                         ("cache object", False, {"packed": 0, "mask": 0})]:
         backbone.prefix_attention = plain_tensors
-        masks_built.clear()
-        logprobs = backbone.target_logprobs(batch, prompts, index)
+        built.update(packed=0, mask=0)
+        kv = None if way == "packed" else backbone.prompt_key_values(prompts)
+        logprobs = backbone.target_logprobs(batch, prompts, index, prompt_kv=kv)
         (grad,) = torch.autograd.grad(-logprobs.sum(), prompts)
         results.append((logprobs.detach(), grad))
-        assert len(masks_built) == plain_tensors  # the path under test really ran
-    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-4)
+        assert built == expected, way  # the path under test really ran
+    for logprobs, grad in results[1:]:
+        torch.testing.assert_close(logprobs, results[0][0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(grad, results[0][1], atol=1e-5, rtol=1e-4)
 
 
 def test_prefix_attention_steps_aside_when_a_sliding_window_is_too_short():

@@ -20,6 +20,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import prefix_attention
 from .errors import SoftPromptError
+from .prefix_attention import gather_rows
 
 
 @dataclass
@@ -265,7 +266,23 @@ class Backbone:
         if prompt_index is None:
             prompt_index = torch.zeros(rows, dtype=torch.long, device=self.device)
         prompt_index = prompt_index.to(self.device)
-        if path == "cached":
+        packable = (path == "cached" and prompt_kv is None and prompts is not None and self.prefix_attention
+                    and prefix_attention.fits(self.model, len(self.bos_ids) + prompts.shape[1] + length))
+        if packable:  # prompts and tokens in one pass (training: the prompt's keys/values change every step)
+            prefix = self.prefix_embeddings(prompts)
+            count, width = prefix.shape[0], prefix.shape[1]
+            embeds = torch.cat([prefix.flatten(0, 1), self.embed(input_ids).flatten(0, 1).to(prefix.dtype)])
+            positions = torch.cat([torch.arange(width, device=self.device).repeat(count),
+                                   torch.arange(width, width + length, device=self.device).repeat(rows)])
+            packed = prefix_attention.PackedPrompts(
+                count, width, rows, length, prompt_index,
+                prefix_attention.prefix_causal_mask(mask.new_ones(rows, width), mask))
+            with self.autocast():
+                hidden = self.body(inputs_embeds=embeds.unsqueeze(0), position_ids=positions.unsqueeze(0),
+                                   attention_mask=prefix_attention.UNUSED_MASK, packed_prompts=packed,
+                                   use_cache=False).last_hidden_state
+            hidden = hidden[0, count * width :].view(rows, length, -1)
+        elif path == "cached":
             prefix = prompt_kv if prompt_kv is not None else self.prompt_key_values(prompts)
             positions = prefix.lengths[prompt_index].unsqueeze(1) + torch.arange(length, device=self.device)
             prefix_mask = gather_rows(prefix.mask, prompt_index)
@@ -321,14 +338,6 @@ class Backbone:
             generated.append(token)
             step_ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
         return generated
-
-
-def gather_rows(tensor: Tensor, index: Tensor) -> Tensor:
-    """tensor[index] along dim 0; a single prompt is broadcast with expand, whose backward is a cheap sum
-    (advanced indexing backward is an accumulating scatter, slow on GPUs)."""
-    if tensor.shape[0] == 1:
-        return tensor.expand(index.shape[0], *tensor.shape[1:])
-    return tensor.index_select(0, index.to(tensor.device))  # with a device_map, layers live on several devices
 
 
 def cpu_has_bf16() -> bool:

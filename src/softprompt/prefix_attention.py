@@ -7,11 +7,19 @@ Here the keys/values travel as a keyword argument (`prefix_key_values`, one (key
 transformers forwards to the attention function, which puts them in front of the tokens' own keys/values and runs
 the usual SDPA; the mask (prompt slots, then causal over the real tokens) is built once per batch.
 
+In training the prompt changes every step, so its keys/values must be recomputed each step. Instead of a separate
+batch-1 pass for them (which doubles the kernel launches that bound a GPU step), `PackedPrompts` runs prompts and
+tokens in ONE pass: both are flattened into a single row (prompt rows, then the right-padded token rows), every
+linear layer sees exactly those positions, and the attention function splits the row again: the prompts attend
+causally to themselves, each token row to its prompt's keys/values of the same layer and then causally to itself.
+
 It is used for the model families whose attention layers are known to forward keyword arguments and that run
 SDPA (`supports`); everything else keeps the `DynamicCache` path, which gives the same numbers.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -24,10 +32,60 @@ NAME = "softprompt_sdpa"
 MODEL_TYPES = {"llama", "qwen2", "gemma3_text"}
 
 
+# Any 4-D mask makes transformers' mask builders hand it over untouched; a packed row brings its own masks instead.
+UNUSED_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+
+
+@dataclass
+class PackedPrompts:
+    """How one flattened row splits: `count` prompts of `width` positions, then `rows` token rows of `length`."""
+
+    count: int
+    width: int
+    rows: int
+    length: int
+    prompt_index: Tensor  # [rows]: the prompt each token row uses
+    token_mask: Tensor  # [rows, 1, length, width + length], from `prefix_causal_mask`
+
+
+def gather_rows(tensor: Tensor, index: Tensor) -> Tensor:
+    """tensor[index] along dim 0; a single prompt is broadcast with expand, whose backward is a cheap sum
+    (advanced indexing backward is an accumulating scatter, slow on GPUs)."""
+    if tensor.shape[0] == 1:
+        return tensor.expand(index.shape[0], *tensor.shape[1:])
+    return tensor.index_select(0, index.to(tensor.device))  # with a device_map, layers live on several devices
+
+
+def packed_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, packed: PackedPrompts,
+                     **kwargs) -> tuple[Tensor, None]:
+    """Attention over one flattened row [1, heads, N, head_dim] holding prompts and token rows (`PackedPrompts`)."""
+    split = packed.count * packed.width
+
+    def unflatten(tensor: Tensor, start: int, rows: int, length: int) -> Tensor:  # -> [rows, heads, length, dim]
+        heads, dim = tensor.shape[1], tensor.shape[3]
+        return tensor[0, :, start : start + rows * length].view(heads, rows, length, dim).transpose(0, 1)
+
+    prompt_query, token_query = (unflatten(query, 0, packed.count, packed.width),
+                                 unflatten(query, split, packed.rows, packed.length))
+    prompt_key, token_key = unflatten(key, 0, packed.count, packed.width), unflatten(key, split, packed.rows,
+                                                                                      packed.length)
+    prompt_value, token_value = (unflatten(value, 0, packed.count, packed.width),
+                                 unflatten(value, split, packed.rows, packed.length))
+    prompt_out, _ = sdpa_attention_forward(module, prompt_query, prompt_key, prompt_value, None, **kwargs)
+    token_key = torch.cat([gather_rows(prompt_key, packed.prompt_index), token_key], dim=2)
+    token_value = torch.cat([gather_rows(prompt_value, packed.prompt_index), token_value], dim=2)
+    token_out, _ = sdpa_attention_forward(module, token_query, token_key, token_value, packed.token_mask, **kwargs)
+    # [rows, length, heads, dim] each -> the one flattened row the caller expects
+    return torch.cat([prompt_out.flatten(0, 1), token_out.flatten(0, 1)]).unsqueeze(0), None
+
+
 def prefix_sdpa_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                           attention_mask: Tensor | None, prefix_key_values: list[tuple[Tensor, Tensor]] | None = None,
-                          **kwargs) -> tuple[Tensor, None]:
-    """SDPA with this layer's prompt keys/values [B, kv_heads, W, head_dim] in front of the tokens' own."""
+                          packed_prompts: PackedPrompts | None = None, **kwargs) -> tuple[Tensor, None]:
+    """SDPA with this layer's prompt keys/values [B, kv_heads, W, head_dim] in front of the tokens' own, or, for a
+    packed row, computed in this same layer from the prompt positions of the row."""
+    if packed_prompts is not None:
+        return packed_attention(module, query, key, value, packed_prompts, **kwargs)
     if prefix_key_values is not None:
         prefix_keys, prefix_values = prefix_key_values[module.layer_idx]
         key = torch.cat([prefix_keys.to(key.dtype), key], dim=2)
