@@ -7,7 +7,7 @@ import secrets
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
@@ -36,33 +36,6 @@ class EnsembleRequest(BaseModel):
     inputs: list[Input] = Field(min_length=1)
 
 
-class RequestMetrics:
-    """Counts every HTTP request with its status and latency. Plain ASGI: `@app.middleware("http")` would wrap each
-    request in an extra task and stream, which costs event-loop time the batcher's thread already competes for."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_recording_status(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_recording_status)
-        finally:
-            self.metrics.request(scope["path"], status, time.perf_counter() - started)
-
-
 def create_app(bank: PromptBank, api_key: str | None = None, max_batch: int = 32, max_wait_ms: float = 5.0,
                max_input_chars: int = 20_000, batching: str = "mixed") -> FastAPI:
     """`batching="per-prompt"` keeps each forward pass to one prompt: the baseline mixed batching is measured
@@ -80,9 +53,15 @@ def create_app(bank: PromptBank, api_key: str | None = None, max_batch: int = 32
         batcher.close()
 
     app = FastAPI(title="softprompt", lifespan=lifespan)
-    app.add_middleware(RequestMetrics, metrics=metrics)
 
-    async def authorize(authorization: str | None = Header(None), x_api_key: str | None = Header(None)) -> None:
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        metrics.request(request.url.path, response.status_code, time.perf_counter() - started)
+        return response
+
+    def authorize(authorization: str | None = Header(None), x_api_key: str | None = Header(None)) -> None:
         if api_key is None:
             return
         given = x_api_key or (authorization[7:] if authorization and authorization.startswith("Bearer ") else None)
