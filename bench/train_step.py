@@ -3,6 +3,7 @@
     python bench/train_step.py --config cpu-smollm2-k20          # one configuration
     python bench/train_step.py --config all-cpu                  # cpu-smollm2-k20 and cpu-smollm2-k100
     python bench/train_step.py --config cuda-1b-k100 --profile   # where each method's step time goes
+    python bench/train_step.py --config all-cpu --ours-path two-pass   # softprompt's earlier two-pass training step
 
 Timing: both methods in one process, alternating step by step after warm-up; median ms/step.
 Memory: CUDA: torch.cuda.max_memory_allocated over each method's steps, after the timing in the same process (peak
@@ -39,6 +40,25 @@ GROUPS = {"all-cpu": ["cpu-smollm2-k20", "cpu-smollm2-k100"],
           "all-cuda": ["cuda-1b-k20", "cuda-1b-k100", "cuda-3b-k100"]}
 
 
+OURS_PATHS = ("packed", "two-pass", "cache-object")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """`compile`: torch.compile the decoder stack (both methods). `ours_path`: how softprompt hands the prompt to
+    attention: "packed" (prompt and tokens in one pass, the default), "two-pass" (the prompt's keys/values from a
+    separate batch-1 pass, as plain tensors) or "cache-object" (the same, in a transformers DynamicCache)."""
+
+    compile: bool = False
+    ours_path: str = "packed"
+
+    def arguments(self) -> list[str]:
+        return [*(["--compile"] if self.compile else []), "--ours-path", self.ours_path]
+
+    def suffix(self) -> str:
+        return ("+compile" if self.compile else "") + ("" if self.ours_path == "packed" else f"+{self.ours_path}")
+
+
 @dataclass
 class Setup:
     backbone: object  # softprompt Backbone
@@ -48,7 +68,7 @@ class Setup:
     tokens_per_step: int
 
 
-def build(name: str, compile_layers: bool = False) -> Setup:
+def build(name: str, variant: Variant = Variant()) -> Setup:
     from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
     from softprompt.backbone import Backbone, TokenBatch, load_model
@@ -76,7 +96,7 @@ def build(name: str, compile_layers: bool = False) -> Setup:
         lengths = torch.tensor([len(item.input_ids) for item in items])
         targets = torch.tensor([item.target_ids[0] for item in items])
     model = backbone.model
-    if compile_layers:  # in place: PEFT runs the same compiled decoder stack, so the comparison stays like for like
+    if variant.compile:  # in place: PEFT runs the same compiled decoder stack, so the comparison stays like for like
         backbone.compile()
     rows = torch.arange(len(lengths))
     mask = (torch.arange(ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).long()
@@ -97,8 +117,12 @@ def build(name: str, compile_layers: bool = False) -> Setup:
                                                           prompt_tuning_init=PromptTuningInit.RANDOM))
     peft_optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
 
+    backbone.prefix_attention = backbone.prefix_attention and variant.ours_path != "cache-object"
+
     def ours_step() -> float:
-        loss = -backbone.target_logprobs(batch, prompt.unsqueeze(0)).mean()
+        prompts = prompt.unsqueeze(0)
+        prompt_kv = None if variant.ours_path == "packed" else backbone.prompt_key_values(prompts)
+        loss = -backbone.target_logprobs(batch, prompts, prompt_kv=prompt_kv).mean()
         ours_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         ours_optimizer.step()
@@ -120,8 +144,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(name: str, steps: int, warmup: int, compile_layers: bool = False) -> dict:
-    setup = build(name, compile_layers)
+def time_steps(name: str, steps: int, warmup: int, variant: Variant = Variant()) -> dict:
+    setup = build(name, variant)
     device = CONFIGS[name]["device"]
     timings = {"ours": [], "peft": []}
     for index in range(warmup + steps):
@@ -149,9 +173,9 @@ def cuda_peak_mib(step, steps: int) -> float:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-def peak_memory_mib(name: str, method: str, steps: int, compile_layers: bool = False) -> float:
+def peak_memory_mib(name: str, method: str, steps: int, variant: Variant = Variant()) -> float:
     """Extra memory a method's steps need on top of the loaded model (see module docstring)."""
-    setup = build(name, compile_layers)
+    setup = build(name, variant)
     step = setup.ours_step if method == "ours" else setup.peft_step
     if CONFIGS[name]["device"] == "cuda":
         return cuda_peak_mib(step, steps)
@@ -161,14 +185,14 @@ def peak_memory_mib(name: str, method: str, steps: int, compile_layers: bool = F
     return peak.mib
 
 
-def profile(name: str, steps: int, warmup: int, compile_layers: bool = False, top: int = 20) -> None:
+def profile(name: str, steps: int, warmup: int, variant: Variant = Variant(), top: int = 20) -> None:
     """torch.profiler over each method's steps: the operators that take the time (device time on CUDA), and how much
     of the step the host spends launching work (the device idles when host time exceeds device time)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as run_profiler
 
-    setup = build(name, compile_layers)
+    setup = build(name, variant)
     device = CONFIGS[name]["device"]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     sort_key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
@@ -185,25 +209,26 @@ def profile(name: str, steps: int, warmup: int, compile_layers: bool = False, to
         host_ms = sum(event.self_cpu_time_total for event in events) / 1000 / steps
         device_ms = sum(event.self_device_time_total for event in events  # kernels only, as torch's own total
                         if event.device_type == DeviceType.CUDA and not event.is_user_annotation) / 1000 / steps
-        print(f"== {name} {method}: host {host_ms:.1f} ms/step, device kernels {device_ms:.1f} ms/step",
-              file=sys.stderr)
+        operators = sum(event.count for event in events if event.key.startswith("aten::")) / steps
+        print(f"== {name} {method}: host {host_ms:.1f} ms/step, device kernels {device_ms:.1f} ms/step, "
+              f"{operators:.0f} aten operators/step", file=sys.stderr)
         print(events.table(sort_by=sort_key, row_limit=top, max_name_column_width=60), file=sys.stderr)
 
 
-def run_config(name: str, steps: int, warmup: int, compile_layers: bool = False) -> dict:
-    timing, setup = time_steps(name, steps, warmup, compile_layers)
+def run_config(name: str, steps: int, warmup: int, variant: Variant = Variant()) -> dict:
+    timing, setup = time_steps(name, steps, warmup, variant)
     if CONFIGS[name]["device"] == "cuda":
         memory = {"peft": cuda_peak_mib(setup.peft_step, 3), "ours": cuda_peak_mib(setup.ours_step, 3)}
     else:
         memory = {}
         for method in ("peft", "ours"):
             command = [sys.executable, __file__, "--config", name, "--memory-of", method, "--steps", "3",
-                       *(["--compile"] if compile_layers else [])]
+                       *variant.arguments()]
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             memory[method] = json.loads(output.strip().splitlines()[-1])["peak_mib"]
     tokens = timing["tokens_per_step"]
     return {
-        "config": name + ("+compile" if compile_layers else ""),
+        "config": name + variant.suffix(),
         "peft_ms": round(timing["peft"], 1),
         "ours_ms": round(timing["ours"], 1),
         "speedup": round(timing["peft"] / timing["ours"], 2),
@@ -221,21 +246,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoder stack (both methods)")
+    parser.add_argument("--ours-path", choices=OURS_PATHS, default="packed",
+                        help="how softprompt runs the prompt (see Variant); the default is the library's training path")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per method instead")
     parser.add_argument("--memory-of", choices=["ours", "peft"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    variant = Variant(args.compile, args.ours_path)
     if args.memory_of:
-        print(json.dumps({"peak_mib": peak_memory_mib(args.config, args.memory_of, args.steps, args.compile)}))
+        print(json.dumps({"peak_mib": peak_memory_mib(args.config, args.memory_of, args.steps, variant)}))
         return
     names = GROUPS.get(args.config, [args.config])
     if args.profile:
         for name in names:
-            profile(name, args.steps, args.warmup, args.compile)
+            profile(name, args.steps, args.warmup, variant)
         return
     results = []
     for name in names:
         print(f"== {name}: {CONFIGS[name]}", file=sys.stderr)
-        results.append(run_config(name, args.steps, args.warmup, args.compile))
+        results.append(run_config(name, args.steps, args.warmup, variant))
         r = results[-1]
         print(f"{name}: PEFT {r['peft_ms']} ms/step, ours {r['ours_ms']} ms/step -> {r['speedup']}x faster; "
               f"peak {r['peft_peak_mib']} vs {r['ours_peak_mib']} MiB -> {r['memory_ratio']}x memory",
