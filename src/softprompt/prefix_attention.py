@@ -59,18 +59,15 @@ def gather_rows(tensor: Tensor, index: Tensor) -> Tensor:
 def packed_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, packed: PackedPrompts,
                      **kwargs) -> tuple[Tensor, None]:
     """Attention over one flattened row [1, heads, N, head_dim] holding prompts and token rows (`PackedPrompts`)."""
-    split = packed.count * packed.width
+    boundary = packed.count * packed.width
 
-    def unflatten(tensor: Tensor, start: int, rows: int, length: int) -> Tensor:  # -> [rows, heads, length, dim]
+    def split(tensor: Tensor) -> tuple[Tensor, Tensor]:  # [count, heads, width, dim], [rows, heads, length, dim]
         heads, dim = tensor.shape[1], tensor.shape[3]
-        return tensor[0, :, start : start + rows * length].view(heads, rows, length, dim).transpose(0, 1)
+        prompts = tensor[0, :, :boundary].view(heads, packed.count, packed.width, dim).transpose(0, 1)
+        tokens = tensor[0, :, boundary:].view(heads, packed.rows, packed.length, dim).transpose(0, 1)
+        return prompts, tokens
 
-    prompt_query, token_query = (unflatten(query, 0, packed.count, packed.width),
-                                 unflatten(query, split, packed.rows, packed.length))
-    prompt_key, token_key = unflatten(key, 0, packed.count, packed.width), unflatten(key, split, packed.rows,
-                                                                                      packed.length)
-    prompt_value, token_value = (unflatten(value, 0, packed.count, packed.width),
-                                 unflatten(value, split, packed.rows, packed.length))
+    (prompt_query, token_query), (prompt_key, token_key), (prompt_value, token_value) = map(split, (query, key, value))
     prompt_out, _ = sdpa_attention_forward(module, prompt_query, prompt_key, prompt_value, None, **kwargs)
     token_key = torch.cat([gather_rows(prompt_key, packed.prompt_index), token_key], dim=2)
     token_value = torch.cat([gather_rows(prompt_value, packed.prompt_index), token_value], dim=2)
