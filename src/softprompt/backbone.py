@@ -3,6 +3,7 @@
 Two equivalent ways to run a batch with soft prompts (see docs/ARCHITECTURE.md):
 - "cached": the prompt does not depend on the input under a causal mask, so its keys/values are computed once per
   distinct prompt (batch of P, not B), gathered per example, and only the real tokens run, with shifted positions.
+  When the prompt itself is given (training), prompts and tokens run packed in one pass (prefix_attention.py).
 - "concat": the reference path: prompt embeddings concatenated in front of the token embeddings.
 Either way the LM head is applied only at the positions that predict a target token, never to `[B, T, V]`.
 """
@@ -268,35 +269,11 @@ class Backbone:
         prompt_index = prompt_index.to(self.device)
         packable = (path == "cached" and prompt_kv is None and prompts is not None and self.prefix_attention
                     and prefix_attention.fits(self.model, len(self.bos_ids) + prompts.shape[1] + length))
-        if packable:  # prompts and tokens in one pass (training: the prompt's keys/values change every step)
-            prefix = self.prefix_embeddings(prompts)
-            count, width = prefix.shape[0], prefix.shape[1]
-            embeds = torch.cat([prefix.flatten(0, 1), self.embed(input_ids).flatten(0, 1).to(prefix.dtype)])
-            positions = torch.cat([torch.arange(width, device=self.device).repeat(count),
-                                   torch.arange(width, width + length, device=self.device).repeat(rows)])
-            packed = prefix_attention.PackedPrompts(
-                count, width, rows, length, prompt_index,
-                prefix_attention.prefix_causal_mask(mask.new_ones(rows, width), mask))
-            with self.autocast():
-                hidden = self.body(inputs_embeds=embeds.unsqueeze(0), position_ids=positions.unsqueeze(0),
-                                   attention_mask=prefix_attention.UNUSED_MASK, packed_prompts=packed,
-                                   use_cache=False).last_hidden_state
-            hidden = hidden[0, count * width :].view(rows, length, -1)
+        if packable:  # training: the prompt's keys/values change every step, so they come from the same pass
+            hidden = self._packed_hidden(prompts, input_ids, mask, prompt_index)
         elif path == "cached":
             prefix = prompt_kv if prompt_kv is not None else self.prompt_key_values(prompts)
-            positions = prefix.lengths[prompt_index].unsqueeze(1) + torch.arange(length, device=self.device)
-            prefix_mask = gather_rows(prefix.mask, prompt_index)
-            layers = [(gather_rows(k, prompt_index), gather_rows(v, prompt_index)) for k, v in prefix.layers]
-            if layers and self.prefix_attention and prefix_attention.fits(self.model, prefix.width + length):
-                inputs = dict(attention_mask=prefix_attention.prefix_causal_mask(prefix_mask, mask),
-                              prefix_key_values=layers, use_cache=False)
-            else:
-                cache = DynamicCache(ddp_cache_data=layers, config=self.model.config) if layers else None
-                inputs = dict(attention_mask=torch.cat([prefix_mask, mask], dim=1), past_key_values=cache,
-                              use_cache=cache is not None)
-            with self.autocast():
-                hidden = self.body(inputs_embeds=self.embed(input_ids), position_ids=positions,
-                                   **inputs).last_hidden_state
+            hidden = self._cached_hidden(prefix, input_ids, mask, prompt_index)
         elif path == "concat":
             prefix = self.prefix_embeddings(prompts)
             prefix_length = prefix.shape[1]
@@ -315,6 +292,37 @@ class Backbone:
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits.log_softmax(-1).gather(1, batch.target_ids.to(self.device).unsqueeze(1)).squeeze(1)
+
+    def _packed_hidden(self, prompts: Tensor, input_ids: Tensor, mask: Tensor, prompt_index: Tensor) -> Tensor:
+        """[B, T, d] hidden states of the tokens, with the prompts run in the same pass (prefix_attention.py)."""
+        rows, length = input_ids.shape
+        prefix = self.prefix_embeddings(prompts)
+        count, width = prefix.shape[0], prefix.shape[1]
+        embeds = torch.cat([prefix.flatten(0, 1), self.embed(input_ids).flatten(0, 1).to(prefix.dtype)])
+        positions = torch.cat([torch.arange(width, device=self.device).repeat(count),
+                               torch.arange(width, width + length, device=self.device).repeat(rows)])
+        packed = prefix_attention.PackedPrompts(count, width, rows, length, prompt_index,
+                                                prefix_attention.prefix_causal_mask(mask.new_ones(rows, width), mask))
+        with self.autocast():
+            hidden = self.body(inputs_embeds=embeds.unsqueeze(0), position_ids=positions.unsqueeze(0),
+                               attention_mask=prefix_attention.UNUSED_MASK, packed_prompts=packed,
+                               use_cache=False).last_hidden_state
+        return hidden[0, count * width :].view(rows, length, -1)
+
+    def _cached_hidden(self, prefix: PrefixCache, input_ids: Tensor, mask: Tensor, prompt_index: Tensor) -> Tensor:
+        """[B, T, d] hidden states of the tokens after precomputed prompt keys/values, gathered per row."""
+        positions = prefix.lengths[prompt_index].unsqueeze(1) + torch.arange(input_ids.shape[1], device=self.device)
+        prefix_mask = gather_rows(prefix.mask, prompt_index)
+        layers = [(gather_rows(k, prompt_index), gather_rows(v, prompt_index)) for k, v in prefix.layers]
+        if layers and self.prefix_attention and prefix_attention.fits(self.model, prefix.width + input_ids.shape[1]):
+            inputs = dict(attention_mask=prefix_attention.prefix_causal_mask(prefix_mask, mask),
+                          prefix_key_values=layers, use_cache=False)
+        else:  # a transformers cache object: any architecture, any sliding window
+            cache = DynamicCache(ddp_cache_data=layers, config=self.model.config) if layers else None
+            inputs = dict(attention_mask=torch.cat([prefix_mask, mask], dim=1), past_key_values=cache,
+                          use_cache=cache is not None)
+        with self.autocast():
+            return self.body(inputs_embeds=self.embed(input_ids), position_ids=positions, **inputs).last_hidden_state
 
     @torch.no_grad()
     def generate(self, ids: list[int], prefix: PrefixCache, max_new_tokens: int, stop_ids: set[int]) -> list[int]:
