@@ -116,7 +116,7 @@ def train(
         help="Recompute layer activations in the backward pass (less memory, more time; uses the concat path).")]
     = False,
     compile_stack: Annotated[bool, typer.Option(
-        "--compile", help="torch.compile the decoder stack (worth it on GPUs; compiling takes a minute or more).")]
+        "--compile", help="torch.compile the decoder stack: faster steps after minutes of compiling.")]
     = False,
     device_map: DeviceMapOption = None,
     devices: Annotated[int, typer.Option(
