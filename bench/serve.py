@@ -165,9 +165,10 @@ def scenario(url: str, prompt_names: list[str], texts: list[str], clients: int, 
     latencies = sorted(latency for part in parts for latency in part[0]) or [float("nan")]
     elapsed = max(part[2] for part in parts)
     batches = max(after["batches"] - before["batches"], 1)
-    return {"rps": sum(len(part[0]) for part in parts) / elapsed, "p50_ms": 1000 * statistics.median(latencies),
+    ok = sum(len(part[0]) for part in parts)
+    return {"rps": ok / elapsed, "p50_ms": 1000 * statistics.median(latencies),
             "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-            "ok": sum(len(part[0]) for part in parts), "errors": sum(part[1] for part in parts),
+            "ok": ok, "errors": sum(part[1] for part in parts),
             "mean_batch": (after["items"] - before["items"]) / batches,
             "model_busy": (after["model_s"] - before["model_s"]) / elapsed}
 
