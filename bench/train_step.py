@@ -45,18 +45,22 @@ OURS_PATHS = ("packed", "two-pass", "cache-object")
 
 @dataclass(frozen=True)
 class Variant:
-    """`compile`: torch.compile the decoder stack (both methods). `ours_path`: how softprompt hands the prompt to
+    """`compile`: torch.compile the decoder layers (both methods). `ours_path`: how softprompt hands the prompt to
     attention: "packed" (prompt and tokens in one pass, the default), "two-pass" (the prompt's keys/values from a
     separate batch-1 pass, as plain tensors) or "cache-object" (the same, in a transformers DynamicCache)."""
 
     compile: bool = False
     ours_path: str = "packed"
+    compile_mode: str | None = None  # torch.compile's mode, e.g. "reduce-overhead" (CUDA graphs)
 
     def arguments(self) -> list[str]:
-        return [*(["--compile"] if self.compile else []), "--ours-path", self.ours_path]
+        return [*(["--compile"] if self.compile else []), *(["--compile-mode", self.compile_mode]
+                                                            if self.compile_mode else []),
+                "--ours-path", self.ours_path]
 
     def suffix(self) -> str:
-        return ("+compile" if self.compile else "") + ("" if self.ours_path == "packed" else f"+{self.ours_path}")
+        compiled = "+compile" + (f"-{self.compile_mode}" if self.compile_mode else "") if self.compile else ""
+        return compiled + ("" if self.ours_path == "packed" else f"+{self.ours_path}")
 
 
 @dataclass
@@ -96,8 +100,8 @@ def build(name: str, variant: Variant = Variant()) -> Setup:
         lengths = torch.tensor([len(item.input_ids) for item in items])
         targets = torch.tensor([item.target_ids[0] for item in items])
     model = backbone.model
-    if variant.compile:  # in place: PEFT runs the same compiled decoder stack, so the comparison stays like for like
-        backbone.compile()
+    if variant.compile:  # in place: PEFT runs the same compiled layers, so the comparison stays like for like
+        backbone.compile(variant.compile_mode)
     rows = torch.arange(len(lengths))
     mask = (torch.arange(ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).long()
     batch = TokenBatch(ids, mask, rows, lengths - 1, targets)
@@ -129,8 +133,8 @@ def build(name: str, variant: Variant = Variant()) -> Setup:
         return loss.item()
 
     def peft_step() -> float:
-        with backbone.autocast():  # same precision as ours
-            loss = peft_model(input_ids=peft_ids, attention_mask=peft_mask, labels=labels).loss
+        with backbone.autocast():  # same precision as ours; no cache object, which training never reads
+            loss = peft_model(input_ids=peft_ids, attention_mask=peft_mask, labels=labels, use_cache=False).loss
         peft_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         peft_optimizer.step()
@@ -245,13 +249,15 @@ def main() -> None:
     parser.add_argument("--config", required=True, choices=[*CONFIGS, *GROUPS])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decoder stack (both methods)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decoder layers (Backbone.compile; both methods)")
+    parser.add_argument("--compile-mode", help="with --compile: torch.compile's mode, e.g. reduce-overhead")
     parser.add_argument("--ours-path", choices=OURS_PATHS, default="packed",
                         help="how softprompt runs the prompt (see Variant); the default is the library's training path")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per method instead")
     parser.add_argument("--memory-of", choices=["ours", "peft"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    variant = Variant(args.compile, args.ours_path)
+    variant = Variant(args.compile, args.ours_path, args.compile_mode)
     if args.memory_of:
         print(json.dumps({"peak_mib": peak_memory_mib(args.config, args.memory_of, args.steps, variant)}))
         return

@@ -97,3 +97,8 @@ def test_deep_prompts_and_prompt_banks_are_refused():
               show_progress=False)
     with pytest.raises(SoftPromptError, match="encoder-decoder models"):
         PromptBank(backbone)
+
+
+def test_compile_refuses_an_encoder_decoder_and_names_the_families_it_supports():
+    with pytest.raises(SoftPromptError, match="--compile supports .*llama.*'t5' model"):
+        make_t5().compile()

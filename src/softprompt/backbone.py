@@ -18,6 +18,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from . import prefix_attention
 from .errors import SoftPromptError
@@ -123,14 +124,34 @@ class Backbone:
         self.precision = resolve_precision(precision, self.device)
         # Prompt keys/values as plain tensors in attention (compilable, no cache object) where the family allows.
         self.prefix_attention = prefix_attention.supports(model)
+        self.compiled = False  # see compile()
         if self.prefix_attention:
             prefix_attention.enable(model)
 
-    def compile(self) -> None:
-        """torch.compile the decoder stack in place. Dynamic shapes: length-bucketed batches share one graph."""
-        if self.is_seq2seq or self.is_encoder_only:
-            raise SoftPromptError(f"--compile supports causal LMs; {self.name!r} is not one")
-        self.body.compile(dynamic=True)
+    def compile(self, mode: str | None = None) -> None:
+        """torch.compile each decoder layer in place (regional compilation, dynamic shapes). The layers are alike,
+        so they share one compiled graph: compiling takes about as long for 30 layers as for one, where compiling
+        the whole stack grew with depth. Only the packed training pass runs compiled (`_run_body`). `mode`:
+        torch.compile's, e.g. "reduce-overhead" (CUDA graphs: fewer kernel launches from the host)."""
+        if self.is_seq2seq or self.is_encoder_only or not self.prefix_attention:
+            raise SoftPromptError(f"--compile supports the causal LMs whose attention takes the prompt as plain "
+                                  f"tensors ({', '.join(sorted(prefix_attention.MODEL_TYPES))}); {self.name!r} "
+                                  f"is a {self.model.config.model_type!r} model")
+        if self.compiled:
+            return
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        for layer in self.body.modules():
+            if isinstance(layer, GradientCheckpointingLayer):
+                layer.compile(dynamic=True, mode=mode)
+        self.compiled = True
+
+    def _run_body(self, **inputs) -> BaseModelOutputWithPast:
+        """The decoder stack under autocast. Compiled layers serve the packed pass only: the other passes index
+        per-layer state (a cache object, a layer's prompt keys/values) that would make every layer a recompile."""
+        eager = self.compiled and "packed_prompts" not in inputs
+        with self.autocast(), torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
+            return self.body(**inputs)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 matmuls over fp32 weights and an fp32 prompt (the master copy stays fp32)."""
@@ -218,8 +239,7 @@ class Backbone:
         if length == 0:
             return PrefixCache([], mask, lengths)
         positions = torch.arange(length, device=self.device).unsqueeze(0).expand(count, -1)
-        with self.autocast():
-            output = self.body(inputs_embeds=prefix, position_ids=positions, use_cache=True)
+        output = self._run_body(inputs_embeds=prefix, position_ids=positions, use_cache=True)
         return PrefixCache([(layer.keys, layer.values) for layer in output.past_key_values.layers], mask, lengths)
 
     @cached_property
@@ -280,10 +300,9 @@ class Backbone:
             embeds = torch.cat([prefix[prompt_index], self.embed(input_ids)], dim=1)
             full_mask = torch.cat([mask.new_ones(rows, prefix_length), mask], dim=1)
             positions = torch.arange(prefix_length + length, device=self.device).unsqueeze(0).expand(rows, -1)
-            with self.autocast():
-                hidden = self.body(
-                    inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions, use_cache=False
-                ).last_hidden_state[:, prefix_length:]
+            hidden = self._run_body(
+                inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions, use_cache=False
+            ).last_hidden_state[:, prefix_length:]
         else:
             raise SoftPromptError(f"unknown forward path {path!r}; use 'cached' or 'concat'")
         selected = hidden[batch.target_rows.to(self.device), batch.target_positions.to(self.device)]
@@ -298,15 +317,17 @@ class Backbone:
         rows, length = input_ids.shape
         prefix = self.prefix_embeddings(prompts)
         count, width = prefix.shape[0], prefix.shape[1]
-        embeds = torch.cat([prefix.flatten(0, 1), self.embed(input_ids).flatten(0, 1).to(prefix.dtype)])
+        # No views go into the compiled layers (the row is a cat, the index a copy): a view's base size becomes a
+        # guard that the next call fails (another compile), e.g. the first layer's input vs every later layer's.
+        embeds = torch.cat([prefix.view(1, -1, self.d_model),
+                            self.embed(input_ids).view(1, -1, self.d_model).to(prefix.dtype)], dim=1)
         positions = torch.cat([torch.arange(width, device=self.device).repeat(count),
                                torch.arange(width, width + length, device=self.device).repeat(rows)])
-        packed = prefix_attention.PackedPrompts(count, width, rows, length, prompt_index,
+        packed = prefix_attention.PackedPrompts(count, width, rows, length, prompt_index.clone(),
                                                 prefix_attention.prefix_causal_mask(mask.new_ones(rows, width), mask))
-        with self.autocast():
-            hidden = self.body(inputs_embeds=embeds.unsqueeze(0), position_ids=positions.unsqueeze(0),
-                               attention_mask=prefix_attention.UNUSED_MASK, packed_prompts=packed,
-                               use_cache=False).last_hidden_state
+        hidden = self._run_body(inputs_embeds=embeds, position_ids=positions.unsqueeze(0),
+                                attention_mask=prefix_attention.unused_mask(self.device), packed_prompts=packed,
+                                use_cache=False).last_hidden_state
         return hidden[0, count * width :].view(rows, length, -1)
 
     def _cached_hidden(self, prefix: PrefixCache, input_ids: Tensor, mask: Tensor, prompt_index: Tensor) -> Tensor:
@@ -321,8 +342,7 @@ class Backbone:
             cache = DynamicCache(ddp_cache_data=layers, config=self.model.config) if layers else None
             inputs = dict(attention_mask=torch.cat([prefix_mask, mask], dim=1), past_key_values=cache,
                           use_cache=cache is not None)
-        with self.autocast():
-            return self.body(inputs_embeds=self.embed(input_ids), position_ids=positions, **inputs).last_hidden_state
+        return self._run_body(inputs_embeds=self.embed(input_ids), position_ids=positions, **inputs).last_hidden_state
 
     @torch.no_grad()
     def generate(self, ids: list[int], prefix: PrefixCache, max_new_tokens: int, stop_ids: set[int]) -> list[int]:
@@ -334,10 +354,10 @@ class Backbone:
         generated: list[int] = []
         for _ in range(max_new_tokens):
             positions = torch.arange(position, position + step_ids.shape[1], device=self.device).unsqueeze(0)
+            output = self._run_body(
+                inputs_embeds=self.embed(step_ids), position_ids=positions, past_key_values=cache, use_cache=True
+            )
             with self.autocast():
-                output = self.body(
-                    inputs_embeds=self.embed(step_ids), position_ids=positions, past_key_values=cache, use_cache=True
-                )
                 logits = self.head(output.last_hidden_state[:, -1])
             position += step_ids.shape[1]
             token = int(logits.argmax(-1))

@@ -19,6 +19,7 @@ SDPA (`supports`); everything else keeps the `DynamicCache` path, which gives th
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -32,8 +33,11 @@ NAME = "softprompt_sdpa"
 MODEL_TYPES = {"llama", "qwen2", "gemma3_text"}
 
 
-# Any 4-D mask makes transformers' mask builders hand it over untouched; a packed row brings its own masks instead.
-UNUSED_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+@functools.cache
+def unused_mask(device: torch.device) -> Tensor:
+    """Any 4-D mask makes transformers' mask builders hand it over untouched; a packed row brings its own masks
+    instead. On the model's device, so a compiled (or CUDA-graphed) layer sees no CPU tensor."""
+    return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
 
 
 @dataclass

@@ -56,7 +56,7 @@ class TrainConfig:
     objective: str = "rank"  # "rank": cross-entropy over the labels' scores; "lm": label tokens' NLL (paper)
     reparameterize: int = 0  # deep prompts: hidden width of prefix-tuning's MLP reparameterization (0: none)
     activation_checkpointing: bool = False  # recompute layer activations in backward: less memory, more time
-    compile: bool = False  # torch.compile the decoder stack (first steps slower while it compiles)
+    compile: bool = False  # torch.compile the decoder layers (Backbone.compile; the first step compiles)
 
     @property
     def learning_rate(self) -> float:
