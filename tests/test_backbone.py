@@ -48,7 +48,7 @@ def test_cached_path_equals_concat_reference(tiny_backbone, mixed):
 def test_three_ways_to_hand_prompt_keys_to_attention_agree(arch, monkeypatch):
     """prefix_attention.py: prompts and tokens packed in one pass (training), precomputed prompt keys/values as
     plain tensors (evaluation, serving), and the transformers DynamicCache fallback give the same log-probs and
-    prompt gradient, with mixed prompts and padding."""
+    prompt gradient, with mixed prompts and padding. The packed pass builds no mask (lower-right causal SDPA)."""
     from conftest import make_backbone
 
     from softprompt import prefix_attention
@@ -68,7 +68,7 @@ def test_three_ways_to_hand_prompt_keys_to_attention_agree(arch, monkeypatch):
     prompts = (torch.randn(2, 5, backbone.d_model) * 0.5).requires_grad_(True)
     index = torch.tensor([0, 1, 1, 0])
     results = []
-    for way, plain_tensors, expected in [("packed", True, {"packed": 1, "mask": 1}),
+    for way, plain_tensors, expected in [("packed", True, {"packed": 1, "mask": 0}),
                                          ("precomputed", True, {"packed": 0, "mask": 1}),
                                          ("cache object", False, {"packed": 0, "mask": 0})]:
         backbone.prefix_attention = plain_tensors

@@ -17,6 +17,7 @@ from functools import cached_property
 
 import torch
 from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
@@ -290,7 +291,7 @@ class Backbone:
         packable = (path == "cached" and prompt_kv is None and prompts is not None and self.prefix_attention
                     and prefix_attention.fits(self.model, len(self.bos_ids) + prompts.shape[1] + length))
         if packable:  # training: the prompt's keys/values change every step, so they come from the same pass
-            hidden = self._packed_hidden(prompts, input_ids, mask, prompt_index)
+            hidden = self._packed_hidden(prompts, input_ids, prompt_index)
         elif path == "cached":
             prefix = prompt_kv if prompt_kv is not None else self.prompt_key_values(prompts)
             hidden = self._cached_hidden(prefix, input_ids, mask, prompt_index)
@@ -312,8 +313,9 @@ class Backbone:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits.log_softmax(-1).gather(1, batch.target_ids.to(self.device).unsqueeze(1)).squeeze(1)
 
-    def _packed_hidden(self, prompts: Tensor, input_ids: Tensor, mask: Tensor, prompt_index: Tensor) -> Tensor:
-        """[B, T, d] hidden states of the tokens, with the prompts run in the same pass (prefix_attention.py)."""
+    def _packed_hidden(self, prompts: Tensor, input_ids: Tensor, prompt_index: Tensor) -> Tensor:
+        """[B, T, d] hidden states of the right-padded tokens, with the prompts run in the same pass
+        (prefix_attention.py; no mask needed, see `packed_attention`)."""
         rows, length = input_ids.shape
         prefix = self.prefix_embeddings(prompts)
         count, width = prefix.shape[0], prefix.shape[1]
@@ -324,7 +326,7 @@ class Backbone:
         positions = torch.cat([torch.arange(width, device=self.device).repeat(count),
                                torch.arange(width, width + length, device=self.device).repeat(rows)])
         packed = prefix_attention.PackedPrompts(count, width, rows, length, prompt_index.clone(),
-                                                prefix_attention.prefix_causal_mask(mask.new_ones(rows, width), mask))
+                                                causal_lower_right(length, width + length))
         hidden = self._run_body(inputs_embeds=embeds, position_ids=positions.unsqueeze(0),
                                 attention_mask=prefix_attention.unused_mask(self.device), packed_prompts=packed,
                                 use_cache=False).last_hidden_state

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn.attention.bias import CausalBias
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -49,7 +50,7 @@ class PackedPrompts:
     rows: int
     length: int
     prompt_index: Tensor  # [rows]: the prompt each token row uses
-    token_mask: Tensor  # [rows, 1, length, width + length], from `prefix_causal_mask`
+    token_bias: CausalBias  # lower-right causal over width + length keys (built outside compiled code)
 
 
 def gather_rows(tensor: Tensor, index: Tensor) -> Tensor:
@@ -75,7 +76,15 @@ def packed_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value:
     prompt_out, _ = sdpa_attention_forward(module, prompt_query, prompt_key, prompt_value, None, **kwargs)
     token_key = torch.cat([gather_rows(prompt_key, packed.prompt_index), token_key], dim=2)
     token_value = torch.cat([gather_rows(prompt_value, packed.prompt_index), token_value], dim=2)
-    token_out, _ = sdpa_attention_forward(module, token_query, token_key, token_value, packed.token_mask, **kwargs)
+    # A token sees its whole prompt, then the tokens up to itself: causal aligned to the lower right, which SDPA runs
+    # without a materialized mask (a flash kernel on CUDA) and without repeating grouped key/value heads. Right
+    # padding needs no mask: a real token never looks past itself, and padded positions are never read.
+    # A CausalBias takes SDPA's call before autocast does, so cast as autocast would: to the projections' dtype
+    # (rotary embedding leaves queries and keys in fp32 under autocast).
+    token_query, token_key = token_query.to(token_value.dtype), token_key.to(token_value.dtype)
+    token_out = torch.nn.functional.scaled_dot_product_attention(
+        token_query, token_key, token_value, attn_mask=packed.token_bias,
+        dropout_p=kwargs.get("dropout", 0.0), scale=kwargs.get("scaling"), enable_gqa=True).transpose(1, 2)
     # [rows, length, heads, dim] each -> the one flattened row the caller expects
     return torch.cat([prompt_out.flatten(0, 1), token_out.flatten(0, 1)]).unsqueeze(0), None
 
