@@ -67,10 +67,11 @@ def packed_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value:
     boundary = packed.count * packed.width
 
     def split(tensor: Tensor) -> tuple[Tensor, Tensor]:  # [count, heads, width, dim], [rows, heads, length, dim]
-        heads, dim = tensor.shape[1], tensor.shape[3]
-        prompts = tensor[0, :, :boundary].view(heads, packed.count, packed.width, dim).transpose(0, 1)
-        tokens = tensor[0, :, boundary:].view(heads, packed.rows, packed.length, dim).transpose(0, 1)
-        return prompts, tokens
+        # squeeze + split, not indexing: their backward is a view and one cat, where an index's backward fills a
+        # zero tensor of the whole row and copies into it, per tensor and layer
+        prompts, tokens = tensor.squeeze(0).split([boundary, tensor.shape[2] - boundary], dim=1)
+        return (prompts.unflatten(1, (packed.count, packed.width)).transpose(0, 1),
+                tokens.unflatten(1, (packed.rows, packed.length)).transpose(0, 1))
 
     (prompt_query, token_query), (prompt_key, token_key), (prompt_value, token_value) = map(split, (query, key, value))
     prompt_out, _ = sdpa_attention_forward(module, prompt_query, prompt_key, prompt_value, None, **kwargs)
