@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import socket
 import statistics
@@ -74,6 +75,12 @@ def request_texts() -> list[str]:
         rng = random.Random(0)
         words = [f"w{i}" for i in range(2000)]
         return [" ".join(rng.choices(words, k=rng.randint(5, 40))) for _ in range(400)]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Server:
@@ -148,11 +155,13 @@ def server_counters(url: str) -> dict[str, float]:
     return counters
 
 
-def scenario(url: str, prompt_names: list[str], texts: list[str], clients: int, seconds: float,
+def scenario(server: Server, prompt_names: list[str], texts: list[str], clients: int, seconds: float,
              processes: int = 1) -> dict:
     """Run the load (split over `processes` client processes, so one Python process is not the ceiling) and
-    summarise it, with the server's mean batch size and the share of the time its model was busy."""
-    before = server_counters(url)
+    summarise it, with the server's mean batch size, the share of the time its model was busy and the server
+    process's CPU time per request (its own ceiling, whatever the load generator manages)."""
+    url = server.url
+    before, cpu_before = server_counters(url), cpu_seconds(server.process.pid)
     shares = [clients // processes + (index < clients % processes) for index in range(processes)]
     jobs = [(url, prompt_names, texts, share, seconds, sum(shares[:index])) for index, share in enumerate(shares)
             if share]
@@ -161,7 +170,7 @@ def scenario(url: str, prompt_names: list[str], texts: list[str], clients: int, 
     else:
         with ProcessPoolExecutor(len(jobs)) as pool:
             parts = list(pool.map(_load_in_process, jobs))
-    after = server_counters(url)
+    after, cpu_after = server_counters(url), cpu_seconds(server.process.pid)
     latencies = sorted(latency for part in parts for latency in part[0]) or [float("nan")]
     elapsed = max(part[2] for part in parts)
     batches = max(after["batches"] - before["batches"], 1)
@@ -170,7 +179,8 @@ def scenario(url: str, prompt_names: list[str], texts: list[str], clients: int, 
             "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
             "ok": ok, "errors": sum(part[1] for part in parts),
             "mean_batch": (after["items"] - before["items"]) / batches,
-            "model_busy": (after["model_s"] - before["model_s"]) / elapsed}
+            "model_busy": (after["model_s"] - before["model_s"]) / elapsed,
+            "server_cpu_ms": 1000 * (cpu_after - cpu_before) / max(ok, 1)}
 
 
 def main() -> None:
@@ -203,19 +213,20 @@ def main() -> None:
         make_prompts(prompts, model)
         processes = args.client_processes
         with Server(model, prompts, "mixed", args.max_batch) as server:
-            scenario(server.url, ["p00"], texts, 4, 3)  # warm-up
-            results["single"] = scenario(server.url, ["p00"], texts, args.clients, seconds, processes)
-            results["mixed"] = scenario(server.url, sixteen, texts, args.clients, seconds, processes)
-            results["k1"] = scenario(server.url, ["k1"], texts, 1, seconds / 2)
-            results["k100"] = scenario(server.url, ["k100"], texts, 1, seconds / 2)
-            results["soak"] = scenario(server.url, sixteen, texts, 200, soak, processes)
+            scenario(server, ["p00"], texts, 4, 3)  # warm-up
+            results["single"] = scenario(server, ["p00"], texts, args.clients, seconds, processes)
+            results["mixed"] = scenario(server, sixteen, texts, args.clients, seconds, processes)
+            results["k1"] = scenario(server, ["k1"], texts, 1, seconds / 2)
+            results["k100"] = scenario(server, ["k100"], texts, 1, seconds / 2)
+            results["soak"] = scenario(server, sixteen, texts, 200, soak, processes)
         with Server(model, prompts, "per-prompt", args.max_batch) as server:
-            scenario(server.url, ["p00"], texts, 4, 3)
-            results["sequential"] = scenario(server.url, sixteen, texts, args.clients, seconds, processes)
+            scenario(server, ["p00"], texts, 4, 3)
+            results["sequential"] = scenario(server, sixteen, texts, args.clients, seconds, processes)
     for name, result in results.items():
         print(f"{name:>10}: {result['rps']:7.1f} req/s  p50 {result['p50_ms']:8.1f} ms  p99 {result['p99_ms']:8.1f} ms"
               f"  ok {result['ok']}  errors {result['errors']}  mean batch {result['mean_batch']:5.1f}"
-              f"  model busy {result['model_busy']:4.0%}", file=sys.stderr)
+              f"  model busy {result['model_busy']:4.0%}  server CPU {result['server_cpu_ms']:5.2f} ms/request",
+              file=sys.stderr)
     summary = {
         "single_rps": round(results["single"]["rps"], 2),
         "mixed_rps": round(results["mixed"]["rps"], 2),
