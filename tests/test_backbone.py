@@ -136,6 +136,15 @@ def test_unknown_path_is_an_error(llama_backbone):
         llama_backbone.target_logprobs(batch, path="fast")
 
 
+def test_a_left_padded_batch_is_refused():
+    from softprompt.errors import SoftPromptError
+
+    ids = torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(SoftPromptError, match="must be right-padded"):
+        TokenBatch(ids, torch.tensor([[1, 1, 1], [0, 1, 1]]), torch.tensor([0]), torch.tensor([2]), torch.tensor([3]))
+    TokenBatch(ids, torch.tensor([[1, 1, 1], [1, 1, 0]]), torch.tensor([0]), torch.tensor([2]), torch.tensor([3]))
+
+
 def test_fingerprint_identifies_the_embedding_matrix():
     from conftest import make_backbone
 

@@ -93,6 +93,13 @@ class TokenBatch:
     target_positions: Tensor  # [N]
     target_ids: Tensor  # [N]
 
+    def __post_init__(self) -> None:
+        # Every forward path relies on right padding (the packed pass has no mask at all: a real token never
+        # looks past itself), so anything else is refused. Checked where it is free: batches built on the CPU.
+        mask = self.attention_mask
+        if mask.device.type == "cpu" and bool((mask[:, 1:] > mask[:, :-1]).any()):
+            raise SoftPromptError("TokenBatch.attention_mask must be right-padded: each row's 1s, then its 0s")
+
 
 class Backbone:
     """A frozen causal LM (every base weight has `requires_grad=False`) plus its tokenizer."""
