@@ -244,3 +244,14 @@ def test_compiled_layers_give_the_same_scores_and_gradients():
         for reference_result, compiled_result in zip(*results):
             torch.testing.assert_close(compiled_result, reference_result, atol=1e-5, rtol=1e-4)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_precision_choices_and_the_auto_default():
+    from softprompt.backbone import cpu_has_bf16, resolve_precision
+    from softprompt.errors import SoftPromptError
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp16", cpu) == "fp16"
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_bf16() else "fp32")
+    with pytest.raises(SoftPromptError, match="unknown precision 'int8'; choose auto, bf16, fp16 or fp32"):
+        resolve_precision("int8", cpu)

@@ -45,6 +45,28 @@ def test_training_lowers_loss_and_saves_best_prompt(tmp_path, llama_backbone, ob
     assert not (tmp_path / "p.safetensors.ckpt.safetensors").exists()  # finished runs leave no checkpoint
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_autocast_trains_an_fp32_prompt(tmp_path, llama_backbone, precision):
+    """bf16/fp16 matmuls score close to fp32 (not equal: they really run); the prompt stays fp32 and learns; fp16
+    scales its loss so that small prompt gradients do not underflow."""
+    from conftest import make_backbone
+    from test_backbone import training_batch
+
+    half = make_backbone("llama")
+    half.precision = precision
+    batch, prompts = training_batch(half), torch.randn(1, 4, half.d_model) * 0.5
+    reference, scores = (b.target_logprobs(batch, prompts).detach() for b in (llama_backbone, half))
+    torch.testing.assert_close(scores, reference, atol=0.1, rtol=0.02)
+    assert not torch.equal(scores, reference)
+    assert half.loss_scaler().is_enabled() == (precision == "fp16")
+    out = tmp_path / "p.safetensors"
+    result = train(half, TASK, examples(8), examples(8, 100), out,
+                   config(steps=12, batch_size=8, optimizer="adamw", lr=0.05), show_progress=False)
+    log = [json.loads(line) for line in (tmp_path / "p.safetensors.log.jsonl").read_text().splitlines()]
+    assert result.prompt.embeddings.dtype == torch.float32
+    assert log[-1]["loss"] < log[1]["loss"]
+
+
 def test_only_the_prompt_changes(tmp_path, llama_backbone):
     before = {name: p.clone() for name, p in llama_backbone.model.named_parameters()}
     train(llama_backbone, TASK, examples(16), examples(4, 50), tmp_path / "p.safetensors", config(steps=2),

@@ -162,10 +162,14 @@ class Backbone:
             return self.body(**inputs)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 matmuls over fp32 weights and an fp32 prompt (the master copy stays fp32)."""
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        """bf16/fp16 matmuls over fp32 weights and an fp32 prompt (the master copy stays fp32)."""
+        if self.precision in HALF_TYPES:
+            return torch.autocast(self.device.type, dtype=HALF_TYPES[self.precision])
         return contextlib.nullcontext()
+
+    def loss_scaler(self) -> torch.amp.GradScaler:
+        """fp16 gradients underflow without loss scaling; for bf16 and fp32 the scaler passes everything through."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
     @contextlib.contextmanager
     def activation_checkpointing(self):
@@ -385,14 +389,18 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+HALF_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto": bf16 autocast where the hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise SoftPromptError(f"unknown precision {precision!r}; choose auto, bf16 or fp32")
+    """"auto": bf16 autocast where the hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX),
+    fp16 on older CUDA GPUs (their tensor cores run fp16, not bf16), else fp32."""
+    if precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise SoftPromptError(f"unknown precision {precision!r}; choose auto, bf16, fp16 or fp32")
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
@@ -401,7 +409,8 @@ def load_model(name: str | None = None, precision: str = "auto", device_map: str
     """Load a frozen causal LM (or an encoder-decoder such as T5, see seq2seq.py) by built-in name, local
     directory, .gguf path or cached HF id.
 
-    `precision`: "auto" (bf16 autocast where the hardware has it, else fp32), "bf16" or "fp32".
+    `precision`: "auto" (bf16 autocast where the hardware has it, fp16 on older CUDA GPUs, else fp32), "bf16",
+    "fp16" or "fp32".
     `device_map` (accelerate; for frozen models larger than one device): "auto", "balanced", "sequential" or
     {module: device}, with "cpu" and "disk" (under `offload_folder`) allowed; layers then run where they live.
     """

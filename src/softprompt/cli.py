@@ -31,7 +31,8 @@ console = Console()
 err = Console(stderr=True)
 
 ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Built-in name, local dir, .gguf or HF id.")]
-PrecisionOption = Annotated[str, typer.Option(help="auto (bf16 where the hardware has it) | bf16 | fp32.")]
+PrecisionOption = Annotated[str, typer.Option(
+    help="auto (bf16 where the hardware has it, fp16 on older CUDA GPUs, else fp32) | bf16 | fp16 | fp32.")]
 DeviceMapOption = Annotated[str | None, typer.Option(
     help="Split the frozen model over devices (accelerate): auto | balanced | sequential | a JSON "
          "{module: device} map; \"disk\" offloads to a temp folder. See docs/scale-out.md.")]

@@ -118,6 +118,7 @@ def _train_copy(backbone: Backbone, task: TaskSpec, train_examples: list[Example
         raise SoftPromptError("the validation set is empty")
     optimizer = make_optimizer(config, list(model.parameters()))
     scheduler = make_schedule(config, optimizer)
+    scaler = tuned.loss_scaler()
 
     def save(state: dict) -> None:
         record = {"base_model": backbone.name, "task": task.to_dict(), "config": asdict(config),
@@ -145,8 +146,9 @@ def _train_copy(backbone: Backbone, task: TaskSpec, train_examples: list[Example
                                config.objective)
             check_finite(loss, state["step"])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             state["step"] += 1
             running_loss, running_count = running_loss + loss.item(), running_count + 1

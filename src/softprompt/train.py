@@ -225,6 +225,7 @@ def train(
     elif log_path.exists() and main_process:
         log_path.unlink()  # a fresh run starts a fresh log
     scheduler = make_schedule(config, optimizer, start_step=state["step"])
+    scaler = backbone.loss_scaler()
 
     if state["step"] == 0 and state["best_metric"] < 0:
         state["best_metric"] = validation_metric(backbone, encoder, valid_items, materialize(trainable), task,
@@ -244,12 +245,13 @@ def train(
                 loss = prompt_loss(backbone, encoder, [train_items[i] for i in local], trainable(), config.path,
                                    config.objective, config.method) * (len(local) / len(indices))
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
             for parameter in parameters:
                 distributed.all_reduce_sum(parameter.grad)
             loss = distributed.all_reduce_sum(loss.detach())
             check_finite(loss, state["step"])
-            optimizer.step()
+            scaler.step(optimizer)  # fp16: skipped while the scaled gradient overflows, as the scale settles
+            scaler.update()
             scheduler.step()
             state["step"] += 1
             running_loss += loss.item()
