@@ -48,7 +48,8 @@ def test_cached_path_equals_concat_reference(tiny_backbone, mixed):
 def test_three_ways_to_hand_prompt_keys_to_attention_agree(arch, monkeypatch):
     """prefix_attention.py: prompts and tokens packed in one pass (training), precomputed prompt keys/values as
     plain tensors (evaluation, serving), and the transformers DynamicCache fallback give the same log-probs and
-    prompt gradient, with mixed prompts and padding. The packed pass builds no mask (lower-right causal SDPA)."""
+    prompt gradient, with mixed prompts and padding. Neither plain-tensor route builds a mask when no prompt slot is
+    padding (lower-right causal SDPA; padded prompt slots: test_prompts_of_different_lengths_share_...)."""
     from conftest import make_backbone
 
     from softprompt import prefix_attention
@@ -69,7 +70,7 @@ def test_three_ways_to_hand_prompt_keys_to_attention_agree(arch, monkeypatch):
     index = torch.tensor([0, 1, 1, 0])
     results = []
     for way, plain_tensors, expected in [("packed", True, {"packed": 1, "mask": 0}),
-                                         ("precomputed", True, {"packed": 0, "mask": 1}),
+                                         ("precomputed", True, {"packed": 0, "mask": 0}),
                                          ("cache object", False, {"packed": 0, "mask": 0})]:
         backbone.prefix_attention = plain_tensors
         built.update(packed=0, mask=0)
@@ -175,10 +176,14 @@ def test_prompts_of_different_lengths_share_one_padded_cache(tiny_backbone):
     with torch.no_grad():
         stacked = PrefixCache.stack([tiny_backbone.prompt_key_values(short), tiny_backbone.prompt_key_values(long)])
         mixed = tiny_backbone.target_logprobs(batch, prompt_index=torch.tensor([0, 1, 1, 0]), prompt_kv=stacked)
-        alone = {k: tiny_backbone.target_logprobs(batch, p) for k, p in [(0, short), (1, long)]}
+        alone = {k: tiny_backbone.target_logprobs(batch, p) for k, p in [(0, short), (1, long)]}  # packed pass
+        precomputed = {k: tiny_backbone.target_logprobs(batch, prompt_kv=tiny_backbone.prompt_key_values(p))
+                       for k, p in [(0, short), (1, long)]}  # one prompt, no padded slot: lower-right causal
+    assert stacked.padded and not tiny_backbone.prompt_key_values(short).padded  # masked vs mask-free attention
     for row, prompt in enumerate([0, 1, 1, 0]):
         selected = batch.target_rows == row
         torch.testing.assert_close(mixed[selected], alone[prompt][selected], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(precomputed[prompt][selected], alone[prompt][selected], atol=1e-5, rtol=1e-4)
 
 
 def test_a_device_map_with_a_layer_on_disk_scores_and_trains_like_the_plain_load(tmp_path):

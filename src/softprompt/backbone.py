@@ -41,6 +41,7 @@ class PrefixCache:
     # Encoder-decoder models cache nothing (their encoder sees the prompt and the input together): the prompt
     # embeddings [P, K, d] themselves travel here instead (see seq2seq.py).
     embeddings: list[Tensor] | None = None
+    padded: bool = False  # some prompt has padded slots (`stack` of unequal widths): attention needs `mask`
 
     @staticmethod
     def of_tensors(prompts: Tensor | None, device: torch.device) -> PrefixCache:
@@ -76,8 +77,9 @@ class PrefixCache:
         embeddings = None
         if any(c.embeddings is not None for c in caches):  # models that cache nothing carry the tensors themselves
             embeddings = [tensor for c in caches for tensor in c.embeddings]
+        padded = any(c.padded or c.width < width for c in caches)
         return PrefixCache(layers, torch.cat([pad(c.mask, 1) for c in caches]), torch.cat([c.lengths for c in caches]),
-                           embeddings)
+                           embeddings, padded)
 
 
 @dataclass
@@ -348,9 +350,14 @@ class Backbone:
         positions = prefix.lengths[prompt_index].unsqueeze(1) + torch.arange(input_ids.shape[1], device=self.device)
         prefix_mask = gather_rows(prefix.mask, prompt_index)
         layers = [(gather_rows(k, prompt_index), gather_rows(v, prompt_index)) for k, v in prefix.layers]
-        if layers and self.prefix_attention and prefix_attention.fits(self.model, prefix.width + input_ids.shape[1]):
-            inputs = dict(attention_mask=prefix_attention.prefix_causal_mask(prefix_mask, mask),
-                          prefix_key_values=layers, use_cache=False)
+        length = input_ids.shape[1]
+        if layers and self.prefix_attention and prefix_attention.fits(self.model, prefix.width + length):
+            inputs = dict(prefix_key_values=layers, use_cache=False)
+            if prefix.padded:
+                inputs.update(attention_mask=prefix_attention.prefix_causal_mask(prefix_mask, mask))
+            else:  # every prompt slot is real: no mask at all (`lower_right_attention`)
+                inputs.update(attention_mask=prefix_attention.unused_mask(self.device),
+                              token_bias=causal_lower_right(length, prefix.width + length))
         else:  # a transformers cache object: any architecture, any sliding window
             cache = DynamicCache(ddp_cache_data=layers, config=self.model.config) if layers else None
             inputs = dict(attention_mask=torch.cat([prefix_mask, mask], dim=1), past_key_values=cache,

@@ -61,6 +61,21 @@ def gather_rows(tensor: Tensor, index: Tensor) -> Tensor:
     return tensor.index_select(0, index.to(tensor.device))  # with a device_map, layers live on several devices
 
 
+def lower_right_attention(query: Tensor, key: Tensor, value: Tensor, bias: CausalBias, dropout: float = 0.0,
+                          scaling: float | None = None, **kwargs) -> Tensor:
+    """[B, T, heads, dim]: each token sees its whole prompt, then the tokens up to itself (causal aligned to the
+    lower right of [T, W + T]). SDPA runs it without a materialized mask (a flash kernel on CUDA) and without
+    repeating grouped key/value heads. Right padding needs no mask: a real token never looks past itself, and no
+    real token reads a padded one."""
+    if kwargs.get("softcap") is not None:
+        raise ValueError("SDPA does not support attention logit soft-capping")
+    # A CausalBias takes SDPA's call before autocast does, so cast as autocast would: to the projections' dtype
+    # (rotary embedding leaves queries and keys in fp32 under autocast).
+    query, key = query.to(value.dtype), key.to(value.dtype)
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout,
+                                                            scale=scaling, enable_gqa=True).transpose(1, 2)
+
+
 def packed_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, packed: PackedPrompts,
                      **kwargs) -> tuple[Tensor, None]:
     """Attention over one flattened row [1, heads, N, head_dim] holding prompts and token rows (`PackedPrompts`)."""
@@ -77,30 +92,26 @@ def packed_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value:
     prompt_out, _ = sdpa_attention_forward(module, prompt_query, prompt_key, prompt_value, None, **kwargs)
     token_key = torch.cat([gather_rows(prompt_key, packed.prompt_index), token_key], dim=2)
     token_value = torch.cat([gather_rows(prompt_value, packed.prompt_index), token_value], dim=2)
-    # A token sees its whole prompt, then the tokens up to itself: causal aligned to the lower right, which SDPA runs
-    # without a materialized mask (a flash kernel on CUDA) and without repeating grouped key/value heads. Right
-    # padding needs no mask: a real token never looks past itself, and padded positions are never read.
-    # A CausalBias takes SDPA's call before autocast does, so cast as autocast would: to the projections' dtype
-    # (rotary embedding leaves queries and keys in fp32 under autocast).
-    token_query, token_key = token_query.to(token_value.dtype), token_key.to(token_value.dtype)
-    token_out = torch.nn.functional.scaled_dot_product_attention(
-        token_query, token_key, token_value, attn_mask=packed.token_bias,
-        dropout_p=kwargs.get("dropout", 0.0), scale=kwargs.get("scaling"), enable_gqa=True).transpose(1, 2)
+    token_out = lower_right_attention(token_query, token_key, token_value, packed.token_bias, **kwargs)
     # [rows, length, heads, dim] each -> the one flattened row the caller expects
     return torch.cat([prompt_out.flatten(0, 1), token_out.flatten(0, 1)]).unsqueeze(0), None
 
 
 def prefix_sdpa_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                           attention_mask: Tensor | None, prefix_key_values: list[tuple[Tensor, Tensor]] | None = None,
-                          packed_prompts: PackedPrompts | None = None, **kwargs) -> tuple[Tensor, None]:
+                          packed_prompts: PackedPrompts | None = None, token_bias: CausalBias | None = None,
+                          **kwargs) -> tuple[Tensor, None]:
     """SDPA with this layer's prompt keys/values [B, kv_heads, W, head_dim] in front of the tokens' own, or, for a
-    packed row, computed in this same layer from the prompt positions of the row."""
+    packed row, computed in this same layer from the prompt positions of the row. `token_bias` (no prompt slot is
+    padding): lower-right causal attention instead of `attention_mask`."""
     if packed_prompts is not None:
         return packed_attention(module, query, key, value, packed_prompts, **kwargs)
     if prefix_key_values is not None:
         prefix_keys, prefix_values = prefix_key_values[module.layer_idx]
         key = torch.cat([prefix_keys.to(key.dtype), key], dim=2)
         value = torch.cat([prefix_values.to(value.dtype), value], dim=2)
+        if token_bias is not None:
+            return lower_right_attention(query, key, value, token_bias, **kwargs), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
