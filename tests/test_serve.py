@@ -51,10 +51,14 @@ def test_bank_rejects_foreign_and_broken_files(served):
     assert "not a readable safetensors file" in bank.snapshot.rejected["broken.safetensors"]
 
 
-def test_mixed_batch_equals_one_prompt_at_a_time(served, llama_backbone):
+@pytest.mark.parametrize("names", [["sentiment", "topic", "nli", "sentiment"], ["sentiment", "nli", "sentiment"]])
+def test_mixed_batch_equals_one_prompt_at_a_time(served, llama_backbone, names):
+    """Prompts of 4, 7 and 2 slots: a batch attends over the slots its own prompts fill (7, or 4 without "topic"),
+    padded where they differ; one prompt alone has no padded slot at all."""
     bank, prompts, _ = served
-    requests = [("sentiment", {"text": TEXTS[0]}), ("topic", {"text": TEXTS[2]}),
-                ("nli", {"premise": TEXTS[1], "hypothesis": "it is long"}), ("sentiment", {"text": TEXTS[1]})]
+    fields = {"sentiment": [{"text": TEXTS[0]}, {"text": TEXTS[1]}], "topic": [{"text": TEXTS[2]}],
+              "nli": [{"premise": TEXTS[1], "hypothesis": "it is long"}]}
+    requests = [(name, fields[name][names[:i].count(name)]) for i, name in enumerate(names)]
     mixed = bank.classify(requests)
     for (name, fields), answer in zip(requests, mixed):
         (alone,) = bank.classify([(name, fields)])

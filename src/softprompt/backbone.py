@@ -57,6 +57,15 @@ class PrefixCache:
     def width(self) -> int:
         return self.mask.shape[1]
 
+    def last_slots(self, width: int, padded: bool) -> PrefixCache:
+        """The last `width` slots of every prompt: prompts are left-padded, so one of at most `width` slots loses
+        only padding. `padded`: whether the prompts that will be read still have padded slots."""
+        if width == self.width and padded == self.padded:
+            return self
+        start = self.width - width
+        return PrefixCache([(keys[:, :, start:], values[:, :, start:]) for keys, values in self.layers],
+                           self.mask[:, start:], self.lengths, self.embeddings, padded)
+
     @staticmethod
     def stack(caches: list[PrefixCache]) -> PrefixCache:
         """One cache holding every prompt of `caches` (each may hold several), padded to the longest."""

@@ -33,6 +33,7 @@ class Entry:
     prompt: SoftPrompt
     encoder: Encoder
     index: int  # row of this prompt in the snapshot's PrefixCache
+    width: int  # its real slots there (BOS + prompt), the rest is left padding
     stamp: tuple[int, int]  # (mtime_ns, size) of the file it came from
 
 
@@ -107,8 +108,8 @@ class PromptBank:
         entries, caches = {}, []
         for index, (name, (prompt, stamp)) in enumerate(prompts.items()):
             encoder = Encoder(self.backbone, prompt.task, self.max_input_tokens)
-            entries[name] = Entry(name, prompt, encoder, index, stamp)
             caches.append(prompt.prefix_cache(self.backbone))
+            entries[name] = Entry(name, prompt, encoder, index, caches[-1].width, stamp)
         return Snapshot(entries, PrefixCache.stack(caches) if caches else None, rejected)
 
     def entry(self, name: str, snapshot: Snapshot | None = None) -> Entry:
@@ -135,7 +136,11 @@ class PromptBank:
                  for e, (_, fields) in zip(entries, requests)]
         batch, groups, owners = scoring_batch(items, self.backbone.pad_id)
         prompt_index = torch.tensor([e.index for e in entries], device=self.backbone.device)[owners]
-        logprobs = self.backbone.target_logprobs(batch, prompt_index=prompt_index, prompt_kv=snapshot.cache).cpu()
+        cache = snapshot.cache
+        if cache.layers:  # attend over the slots this batch's prompts fill, not the bank's longest prompt
+            width = max(e.width for e in entries)
+            cache = cache.last_slots(width, padded=any(e.width < width for e in entries))
+        logprobs = self.backbone.target_logprobs(batch, prompt_index=prompt_index, prompt_kv=cache).cpu()
         flat = torch.zeros(int(groups.max()) + 1).index_add_(0, groups, logprobs)
         predictions, offset = [], 0
         for entry in entries:
