@@ -13,6 +13,10 @@ LLAMA_SHAPES = {
                      num_key_value_heads=8, vocab_size=128256),
     "llama-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                      num_key_value_heads=8, vocab_size=128256),
+    # llama-1b's depth and head layout at a width where compute is negligible: a step is all operator dispatch,
+    # the host-side cost that bounds a GPU step (train_step.py's cpu-overhead-k20)
+    "llama-1b-narrow": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=16, num_attention_heads=8,
+                            num_key_value_heads=2, vocab_size=4096),
     "llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=4096),
 }

@@ -4,6 +4,7 @@
     python bench/train_step.py --config all-cpu                  # cpu-smollm2-k20 and cpu-smollm2-k100
     python bench/train_step.py --config cuda-1b-k100 --profile   # where each method's step time goes
     python bench/train_step.py --config all-cpu --ours-path two-pass   # softprompt's earlier two-pass training step
+    python bench/train_step.py --config cpu-overhead-k20 --steps 30      # host (dispatch) overhead per step only
 
 Timing: both methods in one process, alternating step by step after warm-up; median ms/step.
 Memory: CUDA: torch.cuda.max_memory_allocated over each method's steps, after the timing in the same process (peak
@@ -32,6 +33,8 @@ from random_models import LLAMA_SHAPES, random_llama, stub_tokenizer
 CONFIGS = {
     "cpu-smollm2-k20": dict(device="cpu", model="smollm2-135m", batch=8, prompt_length=20),
     "cpu-smollm2-k100": dict(device="cpu", model="smollm2-135m", batch=8, prompt_length=100),
+    # host overhead only (see random_models.llama-1b-narrow): what the GPU runs below are bound by, on a CPU
+    "cpu-overhead-k20": dict(device="cpu", model="llama-1b-narrow", batch=2, seq=8, prompt_length=20),
     "cuda-1b-k20": dict(device="cuda", model="llama-1b", batch=32, seq=128, prompt_length=20),
     "cuda-1b-k100": dict(device="cuda", model="llama-1b", batch=32, seq=128, prompt_length=100),
     "cuda-3b-k100": dict(device="cuda", model="llama-3b", batch=16, seq=256, prompt_length=100),
