@@ -170,3 +170,13 @@ def test_activation_checkpointing_recomputes_layers_and_trains_the_same_prompt(t
     torch.testing.assert_close(runs[True].prompt.embeddings, runs[False].prompt.embeddings, atol=1e-6, rtol=0)
     assert runs[True, "calls"] == runs[False, "calls"] + 3  # each training step ran layer 0's attention twice
     assert not llama_backbone.model.model.layers[0].training  # switched back off after training
+
+
+def test_a_non_finite_loss_names_the_step_and_in_fp16_the_precision():
+    from softprompt.train import check_finite
+
+    check_finite(torch.tensor(0.5), 0, "fp16")
+    with pytest.raises(SoftPromptError, match=r"loss is nan at step 3: try a lower --lr$"):
+        check_finite(torch.tensor(float("nan")), 2, "bf16")
+    with pytest.raises(SoftPromptError, match=r"step 3: try a lower --lr; fp16 .* try --precision bf16 or fp32"):
+        check_finite(torch.tensor(float("inf")), 2, "fp16")

@@ -144,7 +144,7 @@ def _train_copy(backbone: Backbone, task: TaskSpec, train_examples: list[Example
             indices = batch_for_step(train_items, config, state["step"])
             loss = prompt_loss(tuned, encoder, [train_items[i] for i in indices], None, config.path,
                                config.objective)
-            check_finite(loss, state["step"])
+            check_finite(loss, state["step"], tuned.precision)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -249,7 +249,7 @@ def train(
             for parameter in parameters:
                 distributed.all_reduce_sum(parameter.grad)
             loss = distributed.all_reduce_sum(loss.detach())
-            check_finite(loss, state["step"])
+            check_finite(loss, state["step"], backbone.precision)
             scaler.step(optimizer)  # fp16: skipped while the scaled gradient overflows, as the scale settles
             scaler.update()
             scheduler.step()
@@ -304,9 +304,11 @@ def train(
                        state["history"])
 
 
-def check_finite(loss: torch.Tensor, step: int) -> None:
+def check_finite(loss: torch.Tensor, step: int, precision: str) -> None:
     if not torch.isfinite(loss):
-        raise SoftPromptError(f"the training loss is {loss.item()} at step {step + 1}: try a lower --lr")
+        hint = ("; fp16 activations overflow in some models (Gemma among them): try --precision bf16 or fp32"
+                if precision == "fp16" else "")
+        raise SoftPromptError(f"the training loss is {loss.item()} at step {step + 1}: try a lower --lr{hint}")
 
 
 def training_progress(show: bool) -> Progress:
