@@ -27,8 +27,9 @@ from .train import train as train_prompt
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prompt tuning for frozen language models.")
 models_app = typer.Typer(help="List built-in models, or pull one into the cache.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
-console = Console()
-err = Console(stderr=True)
+# soft_wrap: messages are never broken at the console width, so a printed path can be copied whole
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Built-in name, local dir, .gguf or HF id.")]
 PrecisionOption = Annotated[str, typer.Option(
