@@ -118,8 +118,8 @@ def train(
         help="Recompute layer activations in the backward pass (less memory, more time; uses the concat path).")]
     = False,
     compile_stack: Annotated[bool, typer.Option(
-        "--compile", help="torch.compile the decoder layers (one graph shared by all layers, ~20 s to compile; "
-                    "14% faster steps measured on a CPU). Llama, Qwen2, Gemma3.")]
+        "--compile", help="torch.compile the decoder layers (one graph shared by all layers, ~40 s to compile on "
+                    "2 CPU cores; 14% faster steps measured there). Llama, Qwen2, Gemma3.")]
     = False,
     device_map: DeviceMapOption = None,
     devices: Annotated[int, typer.Option(

@@ -5,7 +5,10 @@ everywhere, but the cache object is hostile to `torch.compile` (its per-layer st
 per layer, so dynamo recompiles and gives up), and transformers rebuilds a mask around the past for every call.
 Here the keys/values travel as a keyword argument (`prefix_key_values`, one (keys, values) pair per layer) that
 transformers forwards to the attention function, which puts them in front of the tokens' own keys/values and runs
-the usual SDPA; the mask (prompt slots, then causal over the real tokens) is built once per batch.
+the usual SDPA. When every prompt slot is real, that attention is plain causal aligned to the lower right (each
+token sees its whole prompt, then the tokens up to itself; right padding is never seen by a real token), which
+SDPA runs with no mask tensor (`lower_right_attention`); prompts padded to a common width get an explicit mask
+(`prefix_causal_mask`), built once per batch.
 
 In training the prompt changes every step, so its keys/values must be recomputed each step. Instead of a separate
 batch-1 pass for them (which doubles the kernel launches that bound a GPU step), `PackedPrompts` runs prompts and
