@@ -69,6 +69,33 @@ def test_mixed_batch_equals_one_prompt_at_a_time(served, llama_backbone, names):
             assert abs(answer.scores[label] - reference.scores[label]) < 1e-5
 
 
+def test_padding_bounded_batches():
+    from softprompt.evaluate import padding_bounded_batches
+
+    assert padding_bounded_batches([10, 10, 40, 12, 41], 0.25) == [[0, 1, 3], [2, 4]]
+    assert padding_bounded_batches([10, 10, 40, 12, 41], 1.0) == [[0, 1, 3, 2, 4]]
+    assert padding_bounded_batches([], 0.25) == []
+
+
+def test_a_ragged_batch_runs_as_length_sorted_parts_on_a_cpu(served, llama_backbone, monkeypatch):
+    """On a CPU, rows of very different lengths run as separate forward passes (padding costs compute there);
+    the answers are the same as one pass."""
+    bank, _, _ = served
+    requests = [("sentiment", {"text": "wit"}), ("sentiment", {"text": " ".join(TEXTS * 4)}),
+                ("sentiment", {"text": "dull"})]
+    calls = []
+    forward = llama_backbone.target_logprobs
+    monkeypatch.setattr(llama_backbone, "target_logprobs", lambda batch, **kw: calls.append(batch) or forward(
+        batch, **kw))
+    assert bank.max_padding == 0.25  # the CPU default
+    split = bank.classify(requests)
+    bank.max_padding = 1.0
+    whole = bank.classify(requests)
+    assert [len(batch.input_ids) for batch in calls] == [2, 1, 3]
+    for a, b in zip(split, whole):
+        assert a.label == b.label and all(abs(a.scores[k] - b.scores[k]) < 1e-5 for k in a.scores)
+
+
 def test_ensemble_vote_and_mean():
     a = Prediction("x", {"x": 0.6, "y": 0.4})
     b = Prediction("y", {"x": 0.1, "y": 0.9})

@@ -38,6 +38,19 @@ def length_sorted_batches(items: list[Encoded], batch_size: int) -> list[list[in
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
+def padding_bounded_batches(lengths: list[int], max_padding: float) -> list[list[int]]:
+    """Index batches of similar length (sorted), each with at most `max_padding` of its positions padding."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    batches, current, total = [], [], 0
+    for index in order:  # ascending, so the newcomer sets the batch's padded length
+        if current and 1 - (total + lengths[index]) / (lengths[index] * (len(current) + 1)) > max_padding:
+            batches.append(current)
+            current, total = [], 0
+        current.append(index)
+        total += lengths[index]
+    return batches + [current] if current else batches
+
+
 @torch.inference_mode()
 def label_scores(
     backbone: Backbone,
