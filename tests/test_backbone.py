@@ -256,7 +256,8 @@ def test_precision_choices_and_the_auto_default():
     from softprompt.errors import SoftPromptError
 
     cpu = torch.device("cpu")
-    assert resolve_precision("fp16", cpu) == "fp16"
+    with pytest.warns(UserWarning, match="fp16 on a CPU is emulated"):
+        assert resolve_precision("fp16", cpu) == "fp16"
     assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_bf16() else "fp32")
     with pytest.raises(SoftPromptError, match="unknown precision 'int8'; choose auto, bf16, fp16 or fp32"):
         resolve_precision("int8", cpu)

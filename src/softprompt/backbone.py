@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -413,6 +414,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     fp16 on older CUDA GPUs (their tensor cores run fp16, not bf16), else fp32."""
     if precision not in ("auto", "bf16", "fp16", "fp32"):
         raise SoftPromptError(f"unknown precision {precision!r}; choose auto, bf16, fp16 or fp32")
+    if precision == "fp16" and device.type == "cpu":
+        warnings.warn("fp16 on a CPU is emulated unless it has AMX-FP16: several times slower than fp32 "
+                      "(docs/benchmarks.md); prefer bf16 or fp32", stacklevel=2)
     if precision != "auto":
         return precision
     if device.type == "cuda":
