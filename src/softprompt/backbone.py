@@ -357,21 +357,21 @@ class Backbone:
 
     def _cached_hidden(self, prefix: PrefixCache, input_ids: Tensor, mask: Tensor, prompt_index: Tensor) -> Tensor:
         """[B, T, d] hidden states of the tokens after precomputed prompt keys/values, gathered per row."""
-        positions = prefix.lengths[prompt_index].unsqueeze(1) + torch.arange(input_ids.shape[1], device=self.device)
-        prefix_mask = gather_rows(prefix.mask, prompt_index)
-        layers = [(gather_rows(k, prompt_index), gather_rows(v, prompt_index)) for k, v in prefix.layers]
         length = input_ids.shape[1]
+        positions = prefix.lengths[prompt_index].unsqueeze(1) + torch.arange(length, device=self.device)
+        layers = [(gather_rows(k, prompt_index), gather_rows(v, prompt_index)) for k, v in prefix.layers]
         if layers and self.prefix_attention and prefix_attention.fits(self.model, prefix.width + length):
             inputs = dict(prefix_key_values=layers, use_cache=False)
             if prefix.padded:
-                inputs.update(attention_mask=prefix_attention.prefix_causal_mask(prefix_mask, mask))
+                inputs.update(attention_mask=prefix_attention.prefix_causal_mask(
+                    gather_rows(prefix.mask, prompt_index), mask))
             else:  # every prompt slot is real: no mask at all (`lower_right_attention`)
                 inputs.update(attention_mask=prefix_attention.unused_mask(self.device),
                               token_bias=causal_lower_right(length, prefix.width + length))
         else:  # a transformers cache object: any architecture, any sliding window
             cache = DynamicCache(ddp_cache_data=layers, config=self.model.config) if layers else None
-            inputs = dict(attention_mask=torch.cat([prefix_mask, mask], dim=1), past_key_values=cache,
-                          use_cache=cache is not None)
+            inputs = dict(attention_mask=torch.cat([gather_rows(prefix.mask, prompt_index), mask], dim=1),
+                          past_key_values=cache, use_cache=cache is not None)
         return self._run_body(inputs_embeds=self.embed(input_ids), position_ids=positions, **inputs).last_hidden_state
 
     @torch.no_grad()
