@@ -7,7 +7,7 @@ import secrets
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, Header, HTTPException
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
@@ -18,6 +18,31 @@ from .batcher import Batcher
 from .metrics import Metrics
 
 Input = str | dict[str, str]
+
+
+class RequestMetrics:
+    """Counts every HTTP request with its status and latency. A plain ASGI middleware: FastAPI's
+    `@app.middleware("http")` wraps each response in a stream and a task group, a measurable cost per request."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def send_and_note_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            self.metrics.request(scope["path"], status, time.perf_counter() - started)
 
 
 class ClassifyRequest(BaseModel):
@@ -53,15 +78,10 @@ def create_app(bank: PromptBank, api_key: str | None = None, max_batch: int = 32
         batcher.close()
 
     app = FastAPI(title="softprompt", lifespan=lifespan)
+    app.add_middleware(RequestMetrics, metrics=metrics)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        metrics.request(request.url.path, response.status_code, time.perf_counter() - started)
-        return response
-
-    def authorize(authorization: str | None = Header(None), x_api_key: str | None = Header(None)) -> None:
+    async def authorize(authorization: str | None = Header(None), x_api_key: str | None = Header(None)) -> None:
+        # async: a plain `def` dependency would cost every request a hop to the thread pool
         if api_key is None:
             return
         given = x_api_key or (authorization[7:] if authorization and authorization.startswith("Bearer ") else None)
