@@ -22,7 +22,7 @@ from torch.nn.attention.bias import causal_lower_right
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from . import prefix_attention
+from . import lean_backward, prefix_attention
 from .errors import SoftPromptError
 from .prefix_attention import gather_rows
 
@@ -147,6 +147,7 @@ class Backbone:
         self.compiled = False  # see compile()
         if self.prefix_attention:
             prefix_attention.enable(model)
+        lean_backward.install(model)  # fewer activations kept for the backward pass, same values
 
     def compile(self, mode: str | None = None) -> None:
         """torch.compile each decoder layer in place (regional compilation, dynamic shapes). The layers are alike,
@@ -161,6 +162,9 @@ class Backbone:
             return
         from transformers.modeling_layers import GradientCheckpointingLayer
 
+        # inductor decides what the backward keeps (and recomputes elementwise chains) on its own; the lean
+        # autograd functions would only split each layer's graph
+        lean_backward.remove(self.model)
         for layer in self.body.modules():
             if isinstance(layer, GradientCheckpointingLayer):
                 layer.compile(dynamic=True, mode=mode)

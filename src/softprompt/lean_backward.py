@@ -1,0 +1,135 @@
+"""A backward pass through the frozen model that keeps fewer activations: same values, less memory.
+
+Prompt tuning sends gradients through every layer, so autograd keeps what each op's backward reads. Two kinds of
+module keep more than they need once the weights are frozen:
+* transformers' RMSNorm upcasts its input and keeps that fp32 copy (twice the bytes of a bf16 input, and it runs
+  twice per layer). Here it keeps the input as it came plus one fp32 scale per position, and rebuilds the rest;
+* the gated MLP, `down(act(gate(x)) * up(x))`, keeps the gate, the up projection AND the activated gate (three
+  `[tokens, intermediate]` tensors). Here it keeps the gate and the up projection and recomputes the activation.
+That is about a third of what a Llama layer keeps in bf16 (`python bench/saved_activations.py`, docs/benchmarks.md),
+for one extra elementwise kernel per layer.
+
+`install` swaps the forward of each recognised module (Llama/Qwen2/Gemma3 norms and MLPs) and checks on the spot
+that it returns exactly what the original does; anything unrecognised or different keeps its own forward. The lean
+functions apply only while gradients flow to the input and the module's weights are frozen (model tuning trains
+them, and inference keeps no activations), so the original forward runs otherwise.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import Tensor, nn
+
+# class name -> how it applies its weight: after the cast back (Llama, Qwen2) or in fp32 as 1 + weight (Gemma)
+NORMS = {"LlamaRMSNorm": "llama", "Qwen2RMSNorm": "llama", "Gemma3RMSNorm": "gemma"}
+GATED_MLPS = {"LlamaMLP", "Qwen2MLP", "Gemma3MLP"}
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float, style: str) -> Tensor:
+        ctx.style = style
+        scale = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, scale)
+        return _normed(x, weight, scale, style)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, scale = ctx.saved_tensors
+        normed = x.float() * scale
+        if ctx.style == "gemma":
+            grad_normed = grad.float() * (1.0 + weight.float())
+        else:
+            grad_normed = (grad * weight).float()
+        # d/dx of x * rsqrt(mean(x^2) + eps), applied to grad_normed
+        grad_x = scale * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), None, None, None
+
+
+def _normed(x: Tensor, weight: Tensor, scale: Tensor, style: str) -> Tensor:
+    """transformers' RMSNorm arithmetic, op for op, given the per-position scale."""
+    if style == "gemma":
+        return (x.float() * scale * (1.0 + weight.float())).type_as(x)
+    return weight * (x.float() * scale).to(x.dtype)
+
+
+class _GatedActivation(torch.autograd.Function):
+    """act(gate) * up, keeping gate and up only."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor, activation: nn.Module) -> Tensor:
+        ctx.activation = activation
+        ctx.save_for_backward(gate, up)
+        return activation(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        gate, up = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = gate.detach().requires_grad_()
+            activated = ctx.activation(leaf)
+        (grad_gate,) = torch.autograd.grad(activated, leaf, grad * up)
+        return grad_gate, grad * activated.detach(), None
+
+
+def _lean(module: nn.Module, x: Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad and not any(p.requires_grad for p in module.parameters())
+
+
+def _norm_forward(self: nn.Module, x: Tensor) -> Tensor:
+    if not _lean(self, x):
+        return type(self).forward(self, x)
+    eps = self.eps if NORMS[type(self).__name__] == "gemma" else self.variance_epsilon
+    return _RMSNorm.apply(x, self.weight, eps, NORMS[type(self).__name__])
+
+
+def _mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
+    if not _lean(self, x):
+        return type(self).forward(self, x)
+    return self.down_proj(_GatedActivation.apply(self.gate_proj(x), self.up_proj(x), self.act_fn))
+
+
+def install(model: nn.Module) -> int:
+    """Give each recognised norm and gated MLP the lean backward; returns how many modules took it."""
+    checked: dict[type, bool] = {}
+    count = 0
+    for module in model.modules():
+        name = type(module).__name__
+        forward = _norm_forward if name in NORMS else _mlp_forward if name in GATED_MLPS else None
+        if forward is None or "forward" in module.__dict__:  # unknown, or already wrapped (accelerate's offload)
+            continue
+        if type(module) not in checked:
+            checked[type(module)] = _same_values(module, forward)
+        if checked[type(module)]:
+            module.forward = types.MethodType(forward, module)
+            count += 1
+    return count
+
+
+def remove(model: nn.Module) -> None:
+    """Back to each module's own forward (compiled layers get their own memory planning from inductor)."""
+    for module in model.modules():
+        if isinstance(module.__dict__.get("forward"), types.MethodType) and module.forward.__func__ in (
+                _norm_forward, _mlp_forward):
+            del module.forward
+
+
+def _same_values(module: nn.Module, forward) -> bool:
+    """The lean forward on a probe input equals the module's own, in the module's dtype (a transformers release
+    that changed the arithmetic would fail here and keep its own forward)."""
+    weight = next(module.parameters())
+    width = module.gate_proj.in_features if hasattr(module, "gate_proj") else weight.shape[-1]
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(2, 3, width, generator=generator).to(weight.device, weight.dtype).requires_grad_()
+    frozen = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            return torch.equal(forward(module, probe), type(module).forward(module, probe))
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+    finally:
+        for parameter, flag in zip(module.parameters(), frozen):
+            parameter.requires_grad_(flag)
