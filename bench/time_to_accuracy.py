@@ -31,7 +31,7 @@ def main() -> None:
 
     from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
-    from softprompt import load_dataset, load_model
+    from softprompt import lean_backward, load_dataset, load_model
     from softprompt.data import Encoder
     from softprompt.evaluate import label_scores
     from softprompt.initializers import initialize
@@ -97,7 +97,7 @@ def main() -> None:
             labels = torch.full_like(ids, -100)
             labels[torch.arange(len(items)), torch.tensor(lengths) - 1] = ids[torch.arange(len(items)),
                                                                                torch.tensor(lengths) - 1]
-            with backbone.autocast():
+            with backbone.autocast(), lean_backward.disabled():  # PEFT's own backward
                 loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

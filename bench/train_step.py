@@ -78,6 +78,7 @@ class Setup:
 def build(name: str, variant: Variant = Variant()) -> Setup:
     from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
+    from softprompt import lean_backward
     from softprompt.backbone import Backbone, TokenBatch, load_model
 
     spec = CONFIGS[name]
@@ -136,7 +137,8 @@ def build(name: str, variant: Variant = Variant()) -> Setup:
         return loss.item()
 
     def peft_step() -> float:
-        with backbone.autocast():  # same precision as ours; no cache object, which training never reads
+        # same precision as ours; no cache object, which training never reads; PEFT's own activations
+        with backbone.autocast(), lean_backward.disabled():
             loss = peft_model(input_ids=peft_ids, attention_mask=peft_mask, labels=labels, use_cache=False).loss
         peft_optimizer.zero_grad(set_to_none=True)
         loss.backward()

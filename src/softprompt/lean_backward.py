@@ -12,11 +12,13 @@ for one extra elementwise kernel per layer.
 `install` swaps the forward of each recognised module (Llama/Qwen2/Gemma3 norms and MLPs) and checks on the spot
 that it returns exactly what the original does; anything unrecognised or different keeps its own forward. The lean
 functions apply only while gradients flow to the input and the module's weights are frozen (model tuning trains
-them, and inference keeps no activations), so the original forward runs otherwise.
+them, and inference keeps no activations), so the original forward runs otherwise, and inside `disabled()`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import types
 
 import torch
@@ -74,8 +76,23 @@ class _GatedActivation(torch.autograd.Function):
         return grad_gate, grad * activated.detach(), None
 
 
+_disabled = threading.local()
+
+
+@contextlib.contextmanager
+def disabled():
+    """Every module runs its own forward inside this block, in this thread (benchmarks run PEFT this way)."""
+    previous = getattr(_disabled, "on", False)
+    _disabled.on = True
+    try:
+        yield
+    finally:
+        _disabled.on = previous
+
+
 def _lean(module: nn.Module, x: Tensor) -> bool:
-    return torch.is_grad_enabled() and x.requires_grad and not any(p.requires_grad for p in module.parameters())
+    return (torch.is_grad_enabled() and x.requires_grad and not getattr(_disabled, "on", False)
+            and not any(p.requires_grad for p in module.parameters()))
 
 
 def _norm_forward(self: nn.Module, x: Tensor) -> Tensor:
