@@ -22,12 +22,13 @@ LLAMA_SHAPES = {
 }
 
 
-def random_llama(shape: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16):
+def random_llama(shape: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16, **overrides):
+    """`overrides`: config fields to change, e.g. `num_hidden_layers=2` (bench/saved_activations.py)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(**LLAMA_SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=True,
-                         pad_token_id=0, eos_token_id=1)
+    config = LlamaConfig(**{**LLAMA_SHAPES[shape], **overrides}, max_position_embeddings=4096,
+                         tie_word_embeddings=True, pad_token_id=0, eos_token_id=1)
     with torch.device(device):
         return LlamaForCausalLM(config).to(dtype)
 

@@ -75,16 +75,18 @@ class Setup:
     tokens_per_step: int
 
 
-def build(name: str, variant: Variant = Variant()) -> Setup:
+def build(name: str, variant: Variant = Variant(), device: str | None = None, **shape_overrides) -> Setup:
+    """`device` and `shape_overrides` (a random model's config fields, e.g. its depth) change the configuration
+    (bench/saved_activations.py runs GPU shapes on the CPU)."""
     from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
     from softprompt import lean_backward
     from softprompt.backbone import Backbone, TokenBatch, load_model
 
     spec = CONFIGS[name]
-    device = torch.device(spec["device"])
+    device = torch.device(device or spec["device"])
     if spec["model"] in LLAMA_SHAPES:
-        model = random_llama(spec["model"], device)
+        model = random_llama(spec["model"], device, **shape_overrides)
         config = model.config
         tokenizer = stub_tokenizer(config.vocab_size)
         backbone = Backbone(model, tokenizer, spec["model"], precision="fp32")  # weights already bf16

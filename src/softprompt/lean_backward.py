@@ -18,6 +18,7 @@ them, and inference keeps no activations), so the original forward runs otherwis
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import types
 
@@ -57,6 +58,14 @@ def _normed(x: Tensor, weight: Tensor, scale: Tensor, style: str) -> Tensor:
     return weight * (x.float() * scale).to(x.dtype)
 
 
+# activations (transformers' module class names) whose gradient is one kernel, given the input
+_ACTIVATION_GRADIENTS = {
+    "SiLUActivation": torch.ops.aten.silu_backward.default,
+    "SiLU": torch.ops.aten.silu_backward.default,
+    "GELUTanh": functools.partial(torch.ops.aten.gelu_backward.default, approximate="tanh"),
+}
+
+
 class _GatedActivation(torch.autograd.Function):
     """act(gate) * up, keeping gate and up only."""
 
@@ -69,11 +78,17 @@ class _GatedActivation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         gate, up = ctx.saved_tensors
-        with torch.enable_grad():
-            leaf = gate.detach().requires_grad_()
-            activated = ctx.activation(leaf)
-        (grad_gate,) = torch.autograd.grad(activated, leaf, grad * up)
-        return grad_gate, grad * activated.detach(), None
+        activation_gradient = _ACTIVATION_GRADIENTS.get(type(ctx.activation).__name__)
+        if activation_gradient is not None:
+            grad_gate = activation_gradient(grad * up, gate)
+            activated = ctx.activation(gate)
+        else:  # any other activation: differentiate its recomputation
+            with torch.enable_grad():
+                leaf = gate.detach().requires_grad_()
+                activated = ctx.activation(leaf)
+            (grad_gate,) = torch.autograd.grad(activated, leaf, grad * up)
+            activated = activated.detach()
+        return grad_gate, grad * activated, None
 
 
 _disabled = threading.local()
@@ -90,20 +105,19 @@ def disabled():
         _disabled.on = previous
 
 
-def _lean(module: nn.Module, x: Tensor) -> bool:
-    return (torch.is_grad_enabled() and x.requires_grad and not getattr(_disabled, "on", False)
-            and not any(p.requires_grad for p in module.parameters()))
+def _recording() -> bool:
+    return torch.is_grad_enabled() and not getattr(_disabled, "on", False)
 
 
 def _norm_forward(self: nn.Module, x: Tensor) -> Tensor:
-    if not _lean(self, x):
+    if not (_recording() and x.requires_grad) or self.weight.requires_grad:  # its backward has no weight gradient
         return type(self).forward(self, x)
     eps = self.eps if NORMS[type(self).__name__] == "gemma" else self.variance_epsilon
     return _RMSNorm.apply(x, self.weight, eps, NORMS[type(self).__name__])
 
 
 def _mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
-    if not _lean(self, x):
+    if not _recording():  # (trainable projections are fine: they run outside the autograd function)
         return type(self).forward(self, x)
     return self.down_proj(_GatedActivation.apply(self.gate_proj(x), self.up_proj(x), self.act_fn))
 
@@ -134,17 +148,23 @@ def remove(model: nn.Module) -> None:
 
 
 def _same_values(module: nn.Module, forward) -> bool:
-    """The lean forward on a probe input equals the module's own, in the module's dtype (a transformers release
-    that changed the arithmetic would fail here and keep its own forward)."""
+    """On a probe input the lean forward equals the module's own and so does the input's gradient, in the
+    module's dtype: a transformers release with other arithmetic fails here and keeps its own forward."""
     weight = next(module.parameters())
     width = module.gate_proj.in_features if hasattr(module, "gate_proj") else weight.shape[-1]
     generator = torch.Generator().manual_seed(0)
-    probe = torch.randn(2, 3, width, generator=generator).to(weight.device, weight.dtype).requires_grad_()
+    probe = torch.randn(2, 3, width, generator=generator).to(weight.device, weight.dtype)
     frozen = [p.requires_grad for p in module.parameters()]
     module.requires_grad_(False)
     try:
         with torch.enable_grad():
-            return torch.equal(forward(module, probe), type(module).forward(module, probe))
+            results = []
+            for run in (forward, type(module).forward):
+                leaf = probe.clone().requires_grad_()
+                output = run(module, leaf)
+                results.append((output, *torch.autograd.grad(output.float().square().sum(), leaf)))
+        (lean, lean_grad), (own, own_grad) = results
+        return torch.equal(lean, own) and torch.allclose(lean_grad.float(), own_grad.float(), rtol=0.02, atol=1e-3)
     except (AttributeError, RuntimeError, TypeError):
         return False
     finally:
