@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The device-machine runs behind docs/benchmarks.md's CUDA rows (random-weight Llama shapes; no weights travel).
-#   bash bench/gpu_check.sh [train] [two-pass] [compile] [profile] [serve]      (default: all five)
+#   bash bench/gpu_check.sh [train] [two-pass] [lean] [compile] [profile] [serve]      (default: all six)
 # Carry .whl: transformers 5.23.0 and peft 0.21.2 wheels as pinned here, and .whl/serve, the server's pure-Python
 # dependencies (fastapi, uvicorn, httpx, typer, rich...: `pip download -d .whl/serve fastapi==0.163.2 ...`).
 # Results land in $OUT.
@@ -14,13 +14,16 @@ export PYTHONPATH=/tmp/site:src:bench:/tmp/serve-site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import sys, torch, transformers, peft; print(sys.version.split()[0], torch.__version__, transformers.__version__, peft.__version__)" | tee -a "$OUT/gpu.txt"
 sections=("$@")
-[ ${#sections[@]} -gt 0 ] || sections=(train two-pass compile profile serve)
+[ ${#sections[@]} -gt 0 ] || sections=(train two-pass lean compile profile serve)
 for section in "${sections[@]}"; do
   case $section in
     train) python3 bench/train_step.py --config all-cuda --steps 20 --warmup 5 2>&1 | tee "$OUT/bench_cuda.log" ;;
     two-pass)  # the training step before prompts and tokens were packed into one pass, for the A/B
       python3 bench/train_step.py --config cuda-1b-k100 --steps 20 --warmup 5 --ours-path two-pass 2>&1 \
         | tee "$OUT/bench_cuda_two_pass.log" ;;
+    lean)  # the A/B for lean_backward.py: softprompt with the activations transformers keeps
+      python3 bench/train_step.py --config cuda-1b-k100 --steps 20 --warmup 5 --transformers-backward 2>&1 \
+        | tee "$OUT/bench_cuda_transformers_backward.log" ;;
     compile)  # one compiled graph shared by the layers (~20 s on a CPU): bounded, each configuration prints as it ends
       timeout 200 python3 bench/train_step.py --config cuda-1b-k100 --steps 20 --warmup 5 --compile 2>&1 \
         | tee "$OUT/bench_cuda_compile.log"

@@ -7,25 +7,27 @@ Activation memory is most of a prompt-tuning step's memory beyond the weights, a
 device: every tensor autograd keeps passes through `torch.autograd.graph.saved_tensors_hooks`, where its storage
 is counted once (weights excluded). Random-weight shapes are built with 1 and with 2 decoder layers (same batch,
 real width, small vocabulary): the difference is exactly one layer's share, reported per layer and times the
-shape's depth. Real models (smollm2) are counted whole. Methods: PEFT's prompt tuning, softprompt with
-transformers' own backward (`lean_backward.disabled()`) and softprompt as it runs (lean_backward.py).
-What the count leaves out: the SDPA backend's own choice of saved tensors (CUDA flash keeps the same query, key,
-value, output and log-sum-exp as the CPU kernel) and the LM head (PEFT keeps [rows, K + T, vocab] logits).
+shape's depth. Real models (smollm2) are counted whole, embedding and head included. Methods: PEFT's prompt
+tuning, softprompt with transformers' own backward (train_step.py's `--transformers-backward`) and softprompt as
+it runs (lean_backward.py). Left out: the SDPA backend's own choice of saved tensors (CUDA flash keeps the same
+query, key, value, output and log-sum-exp as the CPU kernel) and, for the GPU shapes, the LM head (PEFT keeps
+[rows, K + T, vocab] logits).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 
 import torch
 from random_models import LLAMA_SHAPES
-from train_step import CONFIGS, build
-
-from softprompt import lean_backward
+from train_step import CONFIGS, Variant, build
 
 METHODS = ("peft", "ours-transformers-backward", "ours")
+
+
+def variant(method: str) -> Variant:
+    return Variant(lean=method != "ours-transformers-backward")
 
 
 def kept_bytes(setup, method: str) -> int:
@@ -39,10 +41,8 @@ def kept_bytes(setup, method: str) -> int:
             kept[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    step = setup.peft_step if method == "peft" else setup.ours_step
-    plain = lean_backward.disabled() if method == "ours-transformers-backward" else contextlib.nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), plain:
-        step()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        (setup.peft_step if method == "peft" else setup.ours_step)()
     return sum(kept.values())
 
 
@@ -53,18 +53,17 @@ def count(name: str) -> dict:
         depth = LLAMA_SHAPES[spec["model"]]["num_hidden_layers"]
         per_layer = {}
         for method in METHODS:
-            one, two = (kept_bytes(build(name, device="cpu", num_hidden_layers=layers, vocab_size=4096), method)
-                        for layers in (1, 2))
+            one, two = (kept_bytes(build(name, variant(method), device="cpu", num_hidden_layers=layers,
+                                         vocab_size=4096), method) for layers in (1, 2))
             per_layer[method] = (two - one) / mib
+            print(f"{name} {method:>27}: {per_layer[method]:8.1f} MiB per layer")
         totals = {method: value * depth for method, value in per_layer.items()}
         scope = f"decoder layers only, {depth} layers"
     else:
-        setup = build(name)
-        totals = {method: kept_bytes(setup, method) / mib for method in METHODS}
-        per_layer = {method: value / setup.backbone.model.config.num_hidden_layers for method, value in totals.items()}
+        totals = {method: kept_bytes(build(name, variant(method)), method) / mib for method in METHODS}
         scope = "whole step"
     for method in METHODS:
-        print(f"{name} {method:>27}: {per_layer[method]:8.1f} MiB per layer, {totals[method]:9.1f} MiB ({scope})")
+        print(f"{name} {method:>27}: {totals[method]:9.1f} MiB ({scope})")
     return {"config": name, "scope": scope, **{f"{m}_mib": round(totals[m], 1) for m in METHODS},
             "ours_vs_peft": round(totals["ours"] / totals["peft"], 3),
             "lean_vs_transformers": round(totals["ours"] / totals["ours-transformers-backward"], 3)}

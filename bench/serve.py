@@ -77,9 +77,11 @@ def request_texts() -> list[str]:
         return [" ".join(rng.choices(words, k=rng.randint(5, 40))) for _ in range(400)]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used, all its threads (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+def cpu_seconds(pid: int, main_thread_only: bool = False) -> float:
+    """User + system CPU time a process has used, all its threads or its main thread (the server's event loop;
+    Linux /proc)."""
+    path = f"/proc/{pid}/task/{pid}/stat" if main_thread_only else f"/proc/{pid}/stat"
+    fields = Path(path).read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -159,9 +161,11 @@ def scenario(server: Server, prompt_names: list[str], texts: list[str], clients:
              processes: int = 1) -> dict:
     """Run the load (split over `processes` client processes, so one Python process is not the ceiling) and
     summarise it, with the server's mean batch size, the share of the time its model was busy and the server
-    process's CPU time per request (its own ceiling, whatever the load generator manages)."""
+    process's CPU time per request (its own ceiling, whatever the load generator manages), of which its event loop
+    (HTTP parsing, validation, responses: the thread every request passes through)."""
     url = server.url
-    before, cpu_before = server_counters(url), cpu_seconds(server.process.pid)
+    pid = server.process.pid
+    before, cpu_before, loop_before = server_counters(url), cpu_seconds(pid), cpu_seconds(pid, main_thread_only=True)
     shares = [clients // processes + (index < clients % processes) for index in range(processes)]
     jobs = [(url, prompt_names, texts, share, seconds, sum(shares[:index])) for index, share in enumerate(shares)
             if share]
@@ -170,7 +174,7 @@ def scenario(server: Server, prompt_names: list[str], texts: list[str], clients:
     else:
         with ProcessPoolExecutor(len(jobs)) as pool:
             parts = list(pool.map(_load_in_process, jobs))
-    after, cpu_after = server_counters(url), cpu_seconds(server.process.pid)
+    after, cpu_after, loop_after = server_counters(url), cpu_seconds(pid), cpu_seconds(pid, main_thread_only=True)
     latencies = sorted(latency for part in parts for latency in part[0]) or [float("nan")]
     elapsed = max(part[2] for part in parts)
     batches = max(after["batches"] - before["batches"], 1)
@@ -180,7 +184,8 @@ def scenario(server: Server, prompt_names: list[str], texts: list[str], clients:
             "ok": ok, "errors": sum(part[1] for part in parts),
             "mean_batch": (after["items"] - before["items"]) / batches,
             "model_busy": (after["model_s"] - before["model_s"]) / elapsed,
-            "server_cpu_ms": 1000 * (cpu_after - cpu_before) / max(ok, 1)}
+            "server_cpu_ms": 1000 * (cpu_after - cpu_before) / max(ok, 1),
+            "event_loop_ms": 1000 * (loop_after - loop_before) / max(ok, 1)}
 
 
 def main() -> None:
@@ -225,7 +230,8 @@ def main() -> None:
     for name, result in results.items():
         print(f"{name:>10}: {result['rps']:7.1f} req/s  p50 {result['p50_ms']:8.1f} ms  p99 {result['p99_ms']:8.1f} ms"
               f"  ok {result['ok']}  errors {result['errors']}  mean batch {result['mean_batch']:5.1f}"
-              f"  model busy {result['model_busy']:4.0%}  server CPU {result['server_cpu_ms']:5.2f} ms/request",
+              f"  model busy {result['model_busy']:4.0%}  server CPU {result['server_cpu_ms']:5.2f} ms/request"
+              f" (event loop {result['event_loop_ms']:4.2f})",
               file=sys.stderr)
     summary = {
         "single_rps": round(results["single"]["rps"], 2),

@@ -5,6 +5,7 @@
     python bench/train_step.py --config cuda-1b-k100 --profile   # where each method's step time goes
     python bench/train_step.py --config all-cpu --ours-path two-pass   # softprompt's earlier two-pass training step
     python bench/train_step.py --config cpu-overhead-k20 --steps 30      # host (dispatch) overhead per step only
+    python bench/train_step.py --config all-cpu --transformers-backward  # softprompt without lean_backward.py
 
 Timing: both methods in one process, alternating step by step after warm-up; median ms/step.
 Memory: CUDA: torch.cuda.max_memory_allocated over each method's steps, after the timing in the same process (peak
@@ -19,6 +20,7 @@ only at the label position. Ends with one JSON line per configuration.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -55,15 +57,17 @@ class Variant:
     compile: bool = False
     ours_path: str = "packed"
     compile_mode: str | None = None  # torch.compile's mode, e.g. "reduce-overhead" (CUDA graphs)
+    lean: bool = True  # False: softprompt with transformers' own backward (lean_backward.disabled())
 
     def arguments(self) -> list[str]:
         return [*(["--compile"] if self.compile else []), *(["--compile-mode", self.compile_mode]
                                                             if self.compile_mode else []),
-                "--ours-path", self.ours_path]
+                "--ours-path", self.ours_path, *([] if self.lean else ["--transformers-backward"])]
 
     def suffix(self) -> str:
         compiled = "+compile" + (f"-{self.compile_mode}" if self.compile_mode else "") if self.compile else ""
-        return compiled + ("" if self.ours_path == "packed" else f"+{self.ours_path}")
+        return (compiled + ("" if self.ours_path == "packed" else f"+{self.ours_path}")
+                + ("" if self.lean else "+transformers-backward"))
 
 
 @dataclass
@@ -131,8 +135,9 @@ def build(name: str, variant: Variant = Variant(), device: str | None = None, **
 
     def ours_step() -> float:
         prompts = prompt.unsqueeze(0)
-        prompt_kv = None if variant.ours_path == "packed" else backbone.prompt_key_values(prompts)
-        loss = -backbone.target_logprobs(batch, prompts, prompt_kv=prompt_kv).mean()
+        with contextlib.nullcontext() if variant.lean else lean_backward.disabled():
+            prompt_kv = None if variant.ours_path == "packed" else backbone.prompt_key_values(prompts)
+            loss = -backbone.target_logprobs(batch, prompts, prompt_kv=prompt_kv).mean()
         ours_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         ours_optimizer.step()
@@ -261,10 +266,12 @@ def main() -> None:
     parser.add_argument("--compile-mode", help="with --compile: torch.compile's mode, e.g. reduce-overhead")
     parser.add_argument("--ours-path", choices=OURS_PATHS, default="packed",
                         help="how softprompt runs the prompt (see Variant); the default is the library's training path")
+    parser.add_argument("--transformers-backward", action="store_true",
+                        help="softprompt without lean_backward (the activations transformers keeps), for the A/B")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per method instead")
     parser.add_argument("--memory-of", choices=["ours", "peft"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    variant = Variant(args.compile, args.ours_path, args.compile_mode)
+    variant = Variant(args.compile, args.ours_path, args.compile_mode, lean=not args.transformers_backward)
     if args.memory_of:
         print(json.dumps({"peak_mib": peak_memory_mib(args.config, args.memory_of, args.steps, variant)}))
         return
