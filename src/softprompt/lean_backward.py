@@ -10,9 +10,10 @@ That is about a third of what a Llama layer keeps in bf16 (`python bench/saved_a
 for one extra elementwise kernel per layer.
 
 `install` swaps the forward of each recognised module (Llama/Qwen2/Gemma3 norms and MLPs) and checks on the spot
-that it returns exactly what the original does; anything unrecognised or different keeps its own forward. The lean
-functions apply only while gradients flow to the input and the module's weights are frozen (model tuning trains
-them, and inference keeps no activations), so the original forward runs otherwise, and inside `disabled()`.
+that it returns exactly what the original does; anything unrecognised or different keeps its own forward. A norm
+goes lean only while gradients flow to its input and its weight is frozen (its backward has no weight gradient;
+model tuning trains it), an MLP whenever autograd records (its projections run outside the function, trainable or
+not); inference, and anything inside `disabled()`, runs the original forward.
 """
 
 from __future__ import annotations
