@@ -113,8 +113,8 @@ def _recording() -> bool:
 def _norm_forward(self: nn.Module, x: Tensor) -> Tensor:
     if not (_recording() and x.requires_grad) or self.weight.requires_grad:  # its backward has no weight gradient
         return type(self).forward(self, x)
-    eps = self.eps if NORMS[type(self).__name__] == "gemma" else self.variance_epsilon
-    return _RMSNorm.apply(x, self.weight, eps, NORMS[type(self).__name__])
+    style = NORMS[type(self).__name__]
+    return _RMSNorm.apply(x, self.weight, self.eps if style == "gemma" else self.variance_epsilon, style)
 
 
 def _mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
