@@ -81,18 +81,15 @@ def test_seeded_training_is_deterministic(tmp_path, llama_backbone):
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("optimizer, method, reparameterize",
-                         [("adafactor", "prompt", 0), ("adamw", "prompt", 0), ("adamw", "prefix", 16)])
-def test_resume_continues_an_interrupted_run_exactly(tmp_path, llama_backbone, monkeypatch, optimizer, method,
-                                                     reparameterize):
-    """A run killed after step 6 and resumed ends with the same prompt as an uninterrupted run (for the MLP
-    reparameterization too: its weights and their optimizer state are in the checkpoint)."""
-    cfg = config(steps=10, eval_every=2, optimizer=optimizer, lr=None, method=method, reparameterize=reparameterize)
-    full = train(llama_backbone, TASK, examples(24), examples(4, 50), tmp_path / "full.safetensors", cfg,
-                 show_progress=False)
+def losses(result):
+    """The training loss logged at each evaluation: the returned prompt is the best one, which may come from before
+    an interruption, so the later losses are what show that a resumed run continued the same way."""
+    return [record["loss"] for record in result.history if "loss" in record]
 
+
+def interrupt_and_resume(backbone, cfg, out, monkeypatch):
+    """Train with `cfg` into `out`, killed during step 7, then resumed from the checkpoint."""
     train_module = importlib.import_module("softprompt.train")  # the package re-exports a function named train
-
     real_loss, calls = train_module.prompt_loss, {"n": 0}
 
     def dying_loss(*args, **kwargs):
@@ -102,17 +99,52 @@ def test_resume_continues_an_interrupted_run_exactly(tmp_path, llama_backbone, m
         return real_loss(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "prompt_loss", dying_loss)
-    out = tmp_path / "resumed.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        train(llama_backbone, TASK, examples(24), examples(4, 50), out, cfg, show_progress=False)
-    assert (tmp_path / "resumed.safetensors.ckpt.safetensors").exists() and not out.exists()
+        train(backbone, TASK, examples(24), examples(4, 50), out, cfg, show_progress=False)
+    assert out.with_name(out.name + ".ckpt.safetensors").exists() and not out.exists()
     monkeypatch.setattr(train_module, "prompt_loss", real_loss)
-    resumed = train(llama_backbone, TASK, examples(24), examples(4, 50), out, cfg, resume=True, show_progress=False)
+    return train(backbone, TASK, examples(24), examples(4, 50), out, cfg, resume=True, show_progress=False)
+
+
+@pytest.mark.parametrize("optimizer, method, reparameterize",
+                         [("adafactor", "prompt", 0), ("adamw", "prompt", 0), ("adamw", "prefix", 16)])
+def test_resume_continues_an_interrupted_run_exactly(tmp_path, llama_backbone, monkeypatch, optimizer, method,
+                                                     reparameterize):
+    """A run killed after step 6 and resumed ends with the same prompt as an uninterrupted run (for the MLP
+    reparameterization too: its weights and their optimizer state are in the checkpoint)."""
+    cfg = config(steps=10, eval_every=2, optimizer=optimizer, lr=None, method=method, reparameterize=reparameterize)
+    full = train(llama_backbone, TASK, examples(24), examples(4, 50), tmp_path / "full.safetensors", cfg,
+                 show_progress=False)
+    resumed = interrupt_and_resume(llama_backbone, cfg, tmp_path / "resumed.safetensors", monkeypatch)
     assert resumed.steps_run == 10
+    assert losses(resumed) == pytest.approx(losses(full), rel=0, abs=1e-6)
     torch.testing.assert_close(resumed.prompt.tensor, full.prompt.tensor, rtol=0, atol=1e-6)
     assert not torch.equal(full.prompt.tensor, resumed.prompt.tensor * 0)  # it trained: not all zeros
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed.safetensors.log.jsonl").read_text().splitlines()]
     assert steps == [0, 2, 4, 6, 8, 10]
+
+
+def test_fp16_resume_keeps_the_loss_scale(tmp_path, monkeypatch):
+    """fp16 skips the steps whose scaled gradients overflow, so where the scale stood decides which steps count:
+    a resumed run continues with the saved scale and growth counter. The scale here doubles after every good step
+    (growth_interval=1) from 2^16, so on this model it overflows and backs off every few steps."""
+    from conftest import make_backbone
+
+    half = make_backbone("llama")
+    half.precision = "fp16"
+    scalers = []
+
+    def eager_scaler():
+        scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=1))
+        return scalers[-1]
+
+    monkeypatch.setattr(half, "loss_scaler", eager_scaler)
+    cfg = config(steps=10, eval_every=2, optimizer="adamw", lr=None)
+    full = train(half, TASK, examples(24), examples(4, 50), tmp_path / "full.safetensors", cfg, show_progress=False)
+    assert scalers[0].get_scale() < 2.0**16 * 2**10  # some steps overflowed and were skipped
+    resumed = interrupt_and_resume(half, cfg, tmp_path / "resumed.safetensors", monkeypatch)
+    assert losses(resumed) == losses(full)
+    torch.testing.assert_close(resumed.prompt.tensor, full.prompt.tensor, rtol=0, atol=0)
 
 
 def test_early_stopping(tmp_path, llama_backbone):

@@ -218,14 +218,14 @@ def train(
     optimizer = make_optimizer(config, parameters)
     state = {"step": 0, "best_metric": -1.0, "best_step": 0, "bad_evals": 0, "history": []}
     best = initial.clone()
+    scaler = backbone.loss_scaler()
     if resume and checkpoint_path.exists():
-        state, best = _load_checkpoint(checkpoint_path, trainable, optimizer, config)
+        state, best = _load_checkpoint(checkpoint_path, trainable, optimizer, scaler, config)
     elif resume:
         raise SoftPromptError(f"--resume: no checkpoint at {checkpoint_path}")
     elif log_path.exists() and main_process:
         log_path.unlink()  # a fresh run starts a fresh log
     scheduler = make_schedule(config, optimizer, start_step=state["step"])
-    scaler = backbone.loss_scaler()
 
     if state["step"] == 0 and state["best_metric"] < 0:
         state["best_metric"] = validation_metric(backbone, encoder, valid_items, materialize(trainable), task,
@@ -270,7 +270,7 @@ def train(
                                        "valid_accuracy": metric, "elapsed_s": round(state["elapsed_s"], 2)})
                 running_loss, running_count = 0.0, 0
                 if main_process:
-                    _save_checkpoint(checkpoint_path, trainable, best, optimizer, state, config)
+                    _save_checkpoint(checkpoint_path, trainable, best, optimizer, scaler, state, config)
                 progress.update(bar, description=status_text(state, None))
                 if config.patience and state["bad_evals"] >= config.patience:
                     stopped_early = True
@@ -332,9 +332,10 @@ def log_record(path: Path, state: dict, record: dict) -> None:
 
 
 def _save_checkpoint(path: Path, trainable: torch.nn.Module, best: torch.Tensor, optimizer: torch.optim.Optimizer,
-                     state: dict, config: TrainConfig) -> None:
-    """Everything needed to continue: what trains, the best prompt, optimizer state, counters (safetensors, no
-    pickle). Optimizer tensors are stored as `optimizer.<parameter index>.<name>`."""
+                     scaler: torch.amp.GradScaler, state: dict, config: TrainConfig) -> None:
+    """Everything needed to continue: what trains, the best prompt, optimizer state, the fp16 loss scale and its
+    growth counter (a fresh scale would skip other steps), counters (safetensors, no pickle). Optimizer tensors
+    are stored as `optimizer.<parameter index>.<name>`."""
     tensors = {f"trainable.{key}": value.detach().cpu().contiguous() for key, value in trainable.state_dict().items()}
     tensors["best"] = best.cpu().contiguous()
     scalars: dict[str, dict] = {}
@@ -345,12 +346,12 @@ def _save_checkpoint(path: Path, trainable: torch.nn.Module, best: torch.Tensor,
             else:
                 scalars.setdefault(str(index), {})[key] = value
     metadata = {"state": json.dumps(state), "optimizer_scalars": json.dumps(scalars),
-                "config": json.dumps(asdict(config))}
+                "loss_scaler": json.dumps(scaler.state_dict()), "config": json.dumps(asdict(config))}
     write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _load_checkpoint(path: Path, trainable: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     config: TrainConfig) -> tuple[dict, torch.Tensor]:
+                     scaler: torch.amp.GradScaler, config: TrainConfig) -> tuple[dict, torch.Tensor]:
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
@@ -371,4 +372,7 @@ def _load_checkpoint(path: Path, trainable: torch.nn.Module, optimizer: torch.op
     full = optimizer.state_dict()
     full["state"] = optimizer_state
     optimizer.load_state_dict(full)
+    scaler_state = json.loads(metadata.get("loss_scaler", "{}"))  # empty: fp32/bf16, or a checkpoint from before
+    if scaler.is_enabled() and scaler_state:
+        scaler.load_state_dict(scaler_state)
     return json.loads(metadata["state"]), tensors["best"].to(device)
