@@ -47,9 +47,10 @@ def test_cached_path_equals_concat_reference(tiny_backbone, mixed):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_three_ways_to_hand_prompt_keys_to_attention_agree(arch, monkeypatch):
     """prefix_attention.py: prompts and tokens packed in one pass (training), precomputed prompt keys/values as
-    plain tensors (evaluation, serving), and the transformers DynamicCache fallback give the same log-probs and
-    prompt gradient, with mixed prompts and padding. Neither plain-tensor route builds a mask when no prompt slot is
-    padding (lower-right causal SDPA; padded prompt slots: test_prompts_of_different_lengths_share_...)."""
+    plain tensors (evaluation, serving; the rows' padding dropped or not), and the transformers DynamicCache
+    fallback give the same log-probs and prompt gradient, with mixed prompts and padding. Neither plain-tensor
+    route builds a mask when no prompt slot is padding (lower-right causal SDPA; padded prompt slots:
+    test_prompts_of_different_lengths_share_...)."""
     from conftest import make_backbone
 
     from softprompt import prefix_attention
@@ -57,23 +58,29 @@ def test_three_ways_to_hand_prompt_keys_to_attention_agree(arch, monkeypatch):
     backbone = make_backbone(arch)
     assert backbone.prefix_attention
     backbone.model.config.sliding_window = 64 if arch == "gemma3" else None  # the whole prefix fits the window
-    built = {"packed": 0, "mask": 0}
-    packed_type, build_mask = prefix_attention.PackedPrompts, prefix_attention.prefix_causal_mask
+    built = {"packed": 0, "mask": 0, "ragged": 0}
+    packed_type, build_mask, ragged_type = (prefix_attention.PackedPrompts, prefix_attention.prefix_causal_mask,
+                                            prefix_attention.RaggedRows)
 
     def count(name, function):
         return lambda *args: built.__setitem__(name, built[name] + 1) or function(*args)
 
     monkeypatch.setattr(prefix_attention, "PackedPrompts", count("packed", packed_type))
     monkeypatch.setattr(prefix_attention, "prefix_causal_mask", count("mask", build_mask))
+    monkeypatch.setattr(prefix_attention, "RaggedRows", count("ragged", ragged_type))
     batch = training_batch(backbone)
     prompts = (torch.randn(2, 5, backbone.d_model) * 0.5).requires_grad_(True)
     index = torch.tensor([0, 1, 1, 0])
     results = []
-    for way, plain_tensors, expected in [("packed", True, {"packed": 1, "mask": 0}),
-                                         ("precomputed", True, {"packed": 0, "mask": 0}),
-                                         ("cache object", False, {"packed": 0, "mask": 0})]:
-        backbone.prefix_attention = plain_tensors
-        built.update(packed=0, mask=0)
+    assert backbone.drops_padding  # the CPU default
+    for way, plain_tensors, drops_padding, expected in [
+        ("packed", True, True, {"packed": 1, "mask": 0, "ragged": 0}),
+        ("precomputed, padding dropped", True, True, {"packed": 0, "mask": 0, "ragged": 1}),
+        ("precomputed, padded rows", True, False, {"packed": 0, "mask": 0, "ragged": 0}),
+        ("cache object", False, False, {"packed": 0, "mask": 0, "ragged": 0}),
+    ]:
+        backbone.prefix_attention, backbone.drops_padding = plain_tensors, drops_padding
+        built.update(packed=0, mask=0, ragged=0)
         kv = None if way == "packed" else backbone.prompt_key_values(prompts)
         logprobs = backbone.target_logprobs(batch, prompts, index, prompt_kv=kv)
         (grad,) = torch.autograd.grad(-logprobs.sum(), prompts)
@@ -167,10 +174,13 @@ def test_greedy_generation_matches_full_forward(llama_backbone):
     assert generated == sequence[len(ids):]
 
 
-def test_prompts_of_different_lengths_share_one_padded_cache(tiny_backbone):
-    """A bank of prompts with different K, padded into one cache, scores each row as its own prompt alone."""
+@pytest.mark.parametrize("drops_padding", [True, False])
+def test_prompts_of_different_lengths_share_one_padded_cache(tiny_backbone, drops_padding):
+    """A bank of prompts with different K, padded into one cache, scores each row as its own prompt alone (with
+    the rows' own padding dropped, the CPU default, or computed, as on a GPU)."""
     from softprompt.backbone import PrefixCache
 
+    tiny_backbone.drops_padding = drops_padding
     batch = training_batch(tiny_backbone)
     short, long = torch.randn(1, 2, tiny_backbone.d_model), torch.randn(1, 6, tiny_backbone.d_model)
     with torch.no_grad():

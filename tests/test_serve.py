@@ -78,8 +78,8 @@ def test_padding_bounded_batches():
 
 
 def test_a_ragged_batch_runs_as_length_sorted_parts_on_a_cpu(served, llama_backbone, monkeypatch):
-    """On a CPU, rows of very different lengths run as separate forward passes (padding costs compute there);
-    the answers are the same as one pass."""
+    """On a CPU whose backbone computes padding, rows of very different lengths run as separate forward passes
+    (padding costs compute there); the answers are the same as one pass."""
     bank, _, _ = served
     requests = [("sentiment", {"text": "wit"}), ("sentiment", {"text": " ".join(TEXTS * 4)}),
                 ("sentiment", {"text": "dull"})]
@@ -87,7 +87,10 @@ def test_a_ragged_batch_runs_as_length_sorted_parts_on_a_cpu(served, llama_backb
     forward = llama_backbone.target_logprobs
     monkeypatch.setattr(llama_backbone, "target_logprobs", lambda batch, **kw: calls.append(batch) or forward(
         batch, **kw))
-    assert bank.max_padding == 0.25  # the CPU default
+    assert PromptBank(llama_backbone).max_padding == 1.0  # the default where the backbone drops padding itself
+    llama_backbone.drops_padding = False
+    assert PromptBank(llama_backbone).max_padding == 0.25  # the default on a CPU that computes padding
+    bank.max_padding = 0.25
     split = bank.classify(requests)
     bank.max_padding = 1.0
     whole = bank.classify(requests)

@@ -4,6 +4,7 @@ Two equivalent ways to run a batch with soft prompts (see docs/ARCHITECTURE.md):
 - "cached": the prompt does not depend on the input under a causal mask, so its keys/values are computed once per
   distinct prompt (batch of P, not B), gathered per example, and only the real tokens run, with shifted positions.
   When the prompt itself is given (training), prompts and tokens run packed in one pass (prefix_attention.py).
+  With precomputed keys/values on a CPU, the rows' padding does not run either (`drops_padding`).
 - "concat": the reference path: prompt embeddings concatenated in front of the token embeddings.
 Either way the LM head is applied only at the positions that predict a target token, never to `[B, T, V]`.
 """
@@ -145,6 +146,10 @@ class Backbone:
         # Prompt keys/values as plain tensors in attention (compilable, no cache object) where the family allows.
         self.prefix_attention = prefix_attention.supports(model)
         self.compiled = False  # see compile()
+        # Batches with prompt keys/values run their real tokens only, as one row (`RaggedRows`), on a CPU, where
+        # padding costs what a real token costs. GPUs keep padded batches (a batch's cost there is mostly kernel
+        # launches, and dropping padding adds a few per layer) until bench/padding.py says otherwise.
+        self.drops_padding = self.prefix_attention and self.device.type == "cpu"
         if self.prefix_attention:
             prefix_attention.enable(model)
         lean_backward.install(model)  # fewer activations kept for the backward pass, same values
@@ -361,22 +366,32 @@ class Backbone:
 
     def _cached_hidden(self, prefix: PrefixCache, input_ids: Tensor, mask: Tensor, prompt_index: Tensor) -> Tensor:
         """[B, T, d] hidden states of the tokens after precomputed prompt keys/values, gathered per row."""
-        length = input_ids.shape[1]
+        rows, length = input_ids.shape
         positions = prefix.lengths[prompt_index].unsqueeze(1) + torch.arange(length, device=self.device)
         layers = [(gather_rows(k, prompt_index), gather_rows(v, prompt_index)) for k, v in prefix.layers]
-        if layers and self.prefix_attention and prefix_attention.fits(self.model, prefix.width + length):
-            inputs = dict(prefix_key_values=layers, use_cache=False)
-            if prefix.padded:
-                inputs.update(attention_mask=prefix_attention.prefix_causal_mask(
-                    gather_rows(prefix.mask, prompt_index), mask))
-            else:  # every prompt slot is real: no mask at all (`lower_right_attention`)
-                inputs.update(attention_mask=prefix_attention.unused_mask(self.device),
-                              token_bias=causal_lower_right(length, prefix.width + length))
-        else:  # a transformers cache object: any architecture, any sliding window
+        if not (layers and self.prefix_attention and prefix_attention.fits(self.model, prefix.width + length)):
+            # a transformers cache object: any architecture, any sliding window
             cache = DynamicCache(ddp_cache_data=layers, config=self.model.config) if layers else None
-            inputs = dict(attention_mask=torch.cat([gather_rows(prefix.mask, prompt_index), mask], dim=1),
-                          past_key_values=cache, use_cache=cache is not None)
-        return self._run_body(inputs_embeds=self.embed(input_ids), position_ids=positions, **inputs).last_hidden_state
+            return self._run_body(inputs_embeds=self.embed(input_ids), position_ids=positions,
+                                  attention_mask=torch.cat([gather_rows(prefix.mask, prompt_index), mask], dim=1),
+                                  past_key_values=cache, use_cache=cache is not None).last_hidden_state
+        inputs = dict(prefix_key_values=layers, use_cache=False)
+        if prefix.padded:
+            inputs.update(attention_mask=prefix_attention.prefix_causal_mask(
+                gather_rows(prefix.mask, prompt_index), mask))
+        else:  # every prompt slot is real: no mask at all (`lower_right_attention`)
+            inputs.update(attention_mask=prefix_attention.unused_mask(self.device),
+                          token_bias=causal_lower_right(length, prefix.width + length))
+        if not self.drops_padding or bool(mask.all()):
+            return self._run_body(inputs_embeds=self.embed(input_ids), position_ids=positions,
+                                  **inputs).last_hidden_state
+        # the linear layers (most of the FLOPs) see only the real tokens; attention pads them again, in place
+        real = mask.reshape(-1).nonzero().squeeze(1)
+        hidden = self._run_body(inputs_embeds=self.embed(input_ids.reshape(-1)[real]).unsqueeze(0),
+                                position_ids=positions.reshape(-1)[real].unsqueeze(0),
+                                ragged_rows=prefix_attention.RaggedRows(rows, length, real), **inputs)
+        hidden = hidden.last_hidden_state[0]
+        return hidden.new_zeros(rows * length, hidden.shape[-1]).index_copy_(0, real, hidden).view(rows, length, -1)
 
     @torch.no_grad()
     def generate(self, ids: list[int], prefix: PrefixCache, max_new_tokens: int, stop_ids: set[int]) -> list[int]:

@@ -46,9 +46,10 @@ class Snapshot:
 
 class PromptBank:
     """`max_padding`: a batch whose rows differ in length runs as length-sorted sub-batches with at most this share
-    of padded positions. None: 0.25 on a CPU, where padding costs what real tokens cost and another forward pass
-    little (Rotten Tomatoes requests in batches of 16 are ~39% padding); no splitting on a GPU, where a batch's
-    cost is mostly its kernel launches."""
+    of padded positions. None: 0.25 on a CPU whose backbone computes padding (padding costs what real tokens cost
+    there and another forward pass little; Rotten Tomatoes requests in batches of 16 are ~39% padding); no
+    splitting where the backbone drops padding itself (`Backbone.drops_padding`) or on a GPU, where a batch's cost
+    is mostly its kernel launches."""
 
     def __init__(self, backbone: Backbone, max_input_tokens: int = 256, max_padding: float | None = None):
         if backbone.is_seq2seq:  # (encoder-only models work: their prompts travel as tensors, see encoder_model.py)
@@ -56,7 +57,9 @@ class PromptBank:
                                   "not have (their encoder sees prompt and input together); serve causal LMs")
         self.backbone = backbone
         self.max_input_tokens = max_input_tokens
-        self.max_padding = max_padding if max_padding is not None else 0.25 if backbone.device.type == "cpu" else 1.0
+        if max_padding is None:
+            max_padding = 0.25 if backbone.device.type == "cpu" and not backbone.drops_padding else 1.0
+        self.max_padding = max_padding
         self.directory: Path | None = None
         self.snapshot = Snapshot({}, None, {})
         self._reload_lock = threading.Lock()

@@ -16,6 +16,10 @@ tokens in ONE pass: both are flattened into a single row (prompt rows, then the 
 linear layer sees exactly those positions, and the attention function splits the row again: the prompts attend
 causally to themselves, each token row to its prompt's keys/values of the same layer and then causally to itself.
 
+On a CPU, where a padded position costs what a real token costs, batches with precomputed prompt keys/values run
+without their padding (`RaggedRows`): the real tokens of all rows form one row, so every linear layer skips the
+padding, and attention alone puts them back into the padded [rows, length] grid (a few copies per layer).
+
 It is used for the model families whose attention layers are known to forward keyword arguments and that run
 SDPA (`supports`); everything else keeps the `DynamicCache` path, which gives the same numbers.
 """
@@ -54,6 +58,27 @@ class PackedPrompts:
     length: int
     prompt_index: Tensor  # [rows]: the prompt each token row uses
     token_bias: CausalBias  # lower-right causal over width + length keys (built outside compiled code)
+
+
+@dataclass
+class RaggedRows:
+    """Token rows run without their padding: the caller flattens the real tokens of `rows` right-padded rows of
+    `length` into one row of N, and `index` [N] gives each one's place in the padded [rows * length] grid."""
+
+    rows: int
+    length: int
+    index: Tensor
+
+    def pad(self, tensor: Tensor) -> Tensor:
+        """[1, heads, N, dim] -> [rows, heads, length, dim], zeros where the padding was."""
+        heads, dim = tensor.shape[1], tensor.shape[3]
+        index = self.index.to(tensor.device)  # with a device_map, layers live on several devices
+        grid = tensor.new_zeros(heads, self.rows * self.length, dim).index_copy_(1, index, tensor[0])
+        return grid.view(heads, self.rows, self.length, dim).transpose(0, 1)
+
+    def unpad(self, tensor: Tensor) -> Tensor:
+        """[rows, length, heads, dim] -> [1, N, heads, dim]."""
+        return tensor.flatten(0, 1).index_select(0, self.index.to(tensor.device)).unsqueeze(0)
 
 
 def gather_rows(tensor: Tensor, index: Tensor) -> Tensor:
@@ -103,12 +128,18 @@ def packed_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value:
 def prefix_sdpa_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                           attention_mask: Tensor | None, prefix_key_values: list[tuple[Tensor, Tensor]] | None = None,
                           packed_prompts: PackedPrompts | None = None, token_bias: CausalBias | None = None,
-                          **kwargs) -> tuple[Tensor, None]:
+                          ragged_rows: RaggedRows | None = None, **kwargs) -> tuple[Tensor, None]:
     """SDPA with this layer's prompt keys/values [B, kv_heads, W, head_dim] in front of the tokens' own, or, for a
     packed row, computed in this same layer from the prompt positions of the row. `token_bias` (no prompt slot is
-    padding): lower-right causal attention instead of `attention_mask`."""
+    padding): lower-right causal attention instead of `attention_mask`. `ragged_rows`: the tokens came as one row
+    without padding; attention alone runs them padded again (the linear layers never see the padding)."""
     if packed_prompts is not None:
         return packed_attention(module, query, key, value, packed_prompts, **kwargs)
+    if ragged_rows is not None:
+        query, key, value = map(ragged_rows.pad, (query, key, value))
+        output, _ = prefix_sdpa_attention(module, query, key, value, attention_mask, prefix_key_values,
+                                          token_bias=token_bias, **kwargs)
+        return ragged_rows.unpad(output), None
     if prefix_key_values is not None:
         prefix_keys, prefix_values = prefix_key_values[module.layer_idx]
         key = torch.cat([prefix_keys.to(key.dtype), key], dim=2)
