@@ -231,6 +231,43 @@ def test_a_device_map_with_a_layer_on_disk_scores_and_trains_like_the_plain_load
     torch.testing.assert_close(trained[1].prompt.embeddings, trained[0].prompt.embeddings, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])  # Gemma3 ties its head to the input embeddings
+def test_a_half_precision_load_stores_linear_weights_in_half_with_the_same_numbers(arch, tmp_path):
+    """load_model(precision="bf16") keeps the frozen linear weights in bf16, rounded as autocast rounds fp32 weights
+    at every call: log-probs and prompt gradients equal (bit for bit) those of fp32 weights under bf16 autocast,
+    for the packed training pass and precomputed keys/values. The embeddings stay fp32 (same fingerprint), and a
+    tied head gets its own bf16 copy."""
+    from conftest import make_backbone
+
+    from softprompt.backbone import load_model
+
+    saved = make_backbone(arch)
+    saved.model.save_pretrained(tmp_path)
+    saved.tokenizer.save_pretrained(tmp_path)
+    reference = load_model(str(tmp_path), precision="fp32")
+    reference.precision = "bf16"  # autocast over the fp32 weights
+    half = load_model(str(tmp_path), precision="bf16")
+    linears = [m for m in half.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    embeddings = half.model.get_input_embeddings().weight
+    assert embeddings.dtype == torch.float32 and half.fingerprint == reference.fingerprint
+    assert half.head.weight is not embeddings and half.head.weight.dtype == torch.bfloat16
+    assert (reference.head.weight is reference.model.get_input_embeddings().weight) == (arch == "gemma3")
+
+    batch = training_batch(half)
+    prompts = torch.randn(2, 3, half.d_model) * 0.5
+    index = torch.tensor([0, 1, 1, 0])
+    for precomputed in (False, True):
+        results = []
+        for backbone in (reference, half):
+            leaf = prompts.clone().requires_grad_(True)
+            kv = backbone.prompt_key_values(leaf) if precomputed else None
+            logprobs = backbone.target_logprobs(batch, leaf, index, prompt_kv=kv)
+            (grad,) = torch.autograd.grad(-logprobs.sum(), leaf)
+            results.append((logprobs.detach(), grad))
+        assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]), precomputed
+
+
 def test_compiled_layers_give_the_same_scores_and_gradients():
     """`Backbone.compile` (regional torch.compile, dynamic shapes) changes speed, not numbers: the packed training
     pass for two batch lengths and mixed prompts, then scoring from precomputed prompt keys/values (run eagerly).

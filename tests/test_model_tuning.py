@@ -43,6 +43,25 @@ def test_model_tuning_trains_a_copy_and_saves_the_best_checkpoint(tmp_path, llam
     assert not list(tmp_path.glob(".tuned.*"))  # no temp directories left behind
 
 
+def test_model_tuning_a_half_precision_load_trains_fp32_weights_with_the_head_tied(tmp_path):
+    """A bf16 load stores the frozen linear weights in bf16; the training copy gets fp32 weights back, and a head
+    tied to the input embeddings (Gemma3) is tied again, so the saved checkpoint is a normal fp32 one."""
+    from conftest import make_backbone
+    from safetensors import safe_open
+
+    saved = make_backbone("gemma3")
+    saved.model.save_pretrained(tmp_path / "base")
+    saved.tokenizer.save_pretrained(tmp_path / "base")
+    half = load_model(str(tmp_path / "base"), precision="bf16")
+    assert half.head.weight.dtype == torch.bfloat16
+    out = tmp_path / "tuned"
+    tune_model(half, TASK, examples(8), examples(8, 100), out, config(steps=4), show_progress=False)
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+        dtypes = {handle.get_slice(key).get_dtype() for key in handle.keys()}
+        assert not any(key.startswith("lm_head") for key in handle.keys())  # tied: saved once, as the embeddings
+    assert dtypes == {"F32"}
+
+
 def test_model_tuning_defaults_and_errors(tmp_path, llama_backbone):
     assert TrainConfig(method="model-tuning").learning_rate == 2e-5
     assert TrainConfig(method="prompt").learning_rate == 0.01

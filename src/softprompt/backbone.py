@@ -443,13 +443,28 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
+def cast_frozen_linears(model: PreTrainedModel, dtype: torch.dtype) -> None:
+    """Store the frozen linear layers' weights (and biases) in the dtype autocast computes them in. Autocast keeps
+    a cast only of weights that require grad, so with frozen fp32 weights every forward pass rounds all of them
+    again (and training keeps those copies for backward); on a CPU that cost more than the matmuls of a small
+    batch. Same values: autocast would round them exactly so. A head tied to the input embeddings gets its own
+    copy: the embeddings stay fp32 (prompts live among them; the fingerprint hashes them)."""
+    embeddings = model.get_input_embeddings().weight
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            if module.weight is embeddings:
+                module.weight = torch.nn.Parameter(embeddings.detach().to(dtype), requires_grad=False)
+            module.to(dtype)
+
+
 def load_model(name: str | None = None, precision: str = "auto", device_map: str | dict | None = None,
                offload_folder: str | None = None) -> Backbone:
     """Load a frozen causal LM (or an encoder-decoder such as T5, see seq2seq.py) by built-in name, local
     directory, .gguf path or cached HF id.
 
     `precision`: "auto" (bf16 autocast where the hardware has it, fp16 on older CUDA GPUs, else fp32), "bf16",
-    "fp16" or "fp32".
+    "fp16" or "fp32". With bf16/fp16 the frozen linear weights are stored in that dtype (`cast_frozen_linears`), so
+    the precision is fixed at load.
     `device_map` (accelerate; for frozen models larger than one device): "auto", "balanced", "sequential" or
     {module: device}, with "cpu" and "disk" (under `offload_folder`) allowed; layers then run where they live.
     """
@@ -473,8 +488,11 @@ def load_model(name: str | None = None, precision: str = "auto", device_map: str
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if device_map is None:
         model = loader.from_pretrained(directory, dtype=torch.float32)
-        return kind(model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer, name=name,
-                    precision=precision)
+        backbone = kind(model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer, name=name,
+                        precision=precision)
+        if backbone.precision in HALF_TYPES:
+            cast_frozen_linears(backbone.model, HALF_TYPES[backbone.precision])
+        return backbone
     model = loader.from_pretrained(directory, dtype=torch.float32, device_map=device_map,
                                    offload_folder=offload_folder)
     if model.get_input_embeddings().weight.device.type == "meta":

@@ -108,7 +108,9 @@ def _train_copy(backbone: Backbone, task: TaskSpec, train_examples: list[Example
                 out: Path, config: TrainConfig, show_progress: bool) -> dict:
     log_path = out.with_name(out.name + ".log.jsonl")
     log_path.unlink(missing_ok=True)
-    model = copy.deepcopy(backbone.model)
+    # fp32 weights to train, the head tied again (a half-precision load stores frozen linear weights in half)
+    model = copy.deepcopy(backbone.model).float()
+    model.tie_weights()
     tuned = Backbone(model, backbone.tokenizer, backbone.name, backbone.precision)
     model.requires_grad_(True)  # Backbone froze the copy; here every weight is a parameter to train
     encoder = Encoder(tuned, task, config.max_input_tokens)
