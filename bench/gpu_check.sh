@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The device-machine runs behind docs/benchmarks.md's CUDA rows (random-weight Llama shapes; no weights travel).
-#   bash bench/gpu_check.sh [train] [two-pass] [lean] [compile] [profile] [serve]      (default: all six)
+#   bash bench/gpu_check.sh [train] [two-pass] [lean] [compile] [profile] [serve] [padding]   (default: all seven)
 # Carry .whl: transformers 5.23.0 and peft 0.21.2 wheels as pinned here, and .whl/serve, the server's pure-Python
 # dependencies (fastapi, uvicorn, httpx, typer, rich...: `pip download -d .whl/serve fastapi==0.163.2 ...`).
 # Results land in $OUT.
@@ -14,7 +14,7 @@ export PYTHONPATH=/tmp/site:src:bench:/tmp/serve-site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import sys, torch, transformers, peft; print(sys.version.split()[0], torch.__version__, transformers.__version__, peft.__version__)" | tee -a "$OUT/gpu.txt"
 sections=("$@")
-[ ${#sections[@]} -gt 0 ] || sections=(train two-pass lean compile profile serve)
+[ ${#sections[@]} -gt 0 ] || sections=(train two-pass lean compile profile serve padding)
 for section in "${sections[@]}"; do
   case $section in
     train) python3 bench/train_step.py --config all-cuda --steps 20 --warmup 5 2>&1 | tee "$OUT/bench_cuda.log" ;;
@@ -39,6 +39,8 @@ for section in "${sections[@]}"; do
       else
         echo "serving bench skipped: fastapi/uvicorn/httpx not importable" | tee "$OUT/bench_serve_cuda.log"
       fi ;;
+    padding)  # whether GPUs should drop a serving batch's padding too (Backbone.drops_padding: CPU only so far)
+      timeout 180 python3 bench/padding.py --random-model llama-1b --batch 4,16,32 2>&1 | tee "$OUT/bench_padding_cuda.log" ;;
     *) echo "unknown section $section"; exit 2 ;;
   esac
 done
