@@ -164,7 +164,7 @@ def test_greedy_generation_matches_full_forward(llama_backbone):
     ids = llama_backbone.tokenize("Question: what is two plus two?\nAnswer:")
     prompt = torch.randn(3, llama_backbone.d_model)
     prefix = llama_backbone.prompt_key_values(prompt.unsqueeze(0))
-    generated = llama_backbone.generate(ids, prefix, max_new_tokens=5, stop_ids=set())
+    (generated,) = llama_backbone.generate([ids], prefix, max_new_tokens=5, stop_ids=set())
     sequence = list(ids)
     with torch.no_grad():
         for _ in range(5):
@@ -172,6 +172,36 @@ def test_greedy_generation_matches_full_forward(llama_backbone):
             logits = llama_backbone.model(inputs_embeds=embeds).logits
             sequence.append(int(logits[0, -1].argmax()))
     assert generated == sequence[len(ids):]
+
+
+def test_batched_greedy_generation_equals_each_row_alone(tiny_backbone):
+    """Rows of different lengths decoded together (right-padded, each at its own positions) produce what each
+    produces alone, stop tokens included; a sliding window too short for the padded batch decodes row by row."""
+    windowed = getattr(tiny_backbone.model.config, "sliding_window", None) is not None  # Gemma3's local layers
+    if windowed:
+        tiny_backbone.model.config.sliding_window = 64  # the batch fits: it decodes together
+    with torch.no_grad():  # sharper attention than the tiny init's near-uniform one, so positions matter
+        for module in tiny_backbone.model.modules():
+            if hasattr(module, "q_proj"):
+                module.q_proj.weight.mul_(16)
+                module.k_proj.weight.mul_(16)
+    long = " ".join(["Question: what is two plus two?"] * 4) + "\nAnswer:"
+    rows = [tiny_backbone.tokenize(text) for text in [long, "wit", "a b c"]]
+    prefix = tiny_backbone.prompt_key_values(torch.randn(1, 3, tiny_backbone.d_model))
+    alone = [tiny_backbone.generate([row], prefix, max_new_tokens=6, stop_ids=set())[0] for row in rows]
+    assert len({tuple(tokens) for tokens in alone}) > 1  # different inputs, different answers
+    assert tiny_backbone.generate(rows, prefix, max_new_tokens=6, stop_ids=set()) == alone
+    stop = {alone[0][2], alone[1][0]}  # rows stop at different steps
+    expected = [[token for token in tokens[: next((i for i, t in enumerate(tokens) if t in stop), len(tokens))]]
+                for tokens in alone]
+    assert tiny_backbone.generate(rows, prefix, max_new_tokens=6, stop_ids=stop) == expected
+    if windowed:
+        tiny_backbone.model.config.sliding_window = 8
+        batched = []
+        original = tiny_backbone.generate
+        tiny_backbone.generate = lambda rows, *args: batched.append(len(rows)) or original(rows, *args)
+        original(rows, prefix, 6, set())
+        assert batched == [1, 1, 1]
 
 
 @pytest.mark.parametrize("drops_padding", [True, False])

@@ -394,26 +394,45 @@ class Backbone:
         return hidden.new_zeros(rows * length, hidden.shape[-1]).index_copy_(0, real, hidden).view(rows, length, -1)
 
     @torch.no_grad()
-    def generate(self, ids: list[int], prefix: PrefixCache, max_new_tokens: int, stop_ids: set[int]) -> list[int]:
-        """Greedy decoding of one input after a one-prompt prefix (BOS + prompt); stops at any of `stop_ids`."""
-        cache = DynamicCache(ddp_cache_data=prefix.layers or None, config=self.model.config)
-        prefix_length = int(prefix.lengths[0])
-        step_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        position = prefix_length
-        generated: list[int] = []
-        for _ in range(max_new_tokens):
-            positions = torch.arange(position, position + step_ids.shape[1], device=self.device).unsqueeze(0)
-            output = self._run_body(
-                inputs_embeds=self.embed(step_ids), position_ids=positions, past_key_values=cache, use_cache=True
-            )
+    def generate(self, rows: list[list[int]], prefix: PrefixCache, max_new_tokens: int,
+                 stop_ids: set[int]) -> list[list[int]]:
+        """Greedy decoding of several inputs after the same one-prompt prefix (BOS + prompt), as one batch; each
+        row stops at any of `stop_ids`. Rows are right-padded: the mask hides the padding from every later token
+        and each row's positions count its real tokens only, so a row decodes as it would alone."""
+        if len(rows) > 1 and not prefix_attention.fits(self.model, prefix.width + max(map(len, rows))
+                                                        + max_new_tokens):
+            # a sliding window counts cache slots, padding included: rows that outgrow it decode alone, exactly
+            return [self.generate([row], prefix, max_new_tokens, stop_ids)[0] for row in rows]
+        count, width = len(rows), max(map(len, rows))
+        ids = torch.tensor([row + [self.pad_id] * (width - len(row)) for row in rows], device=self.device)
+        lengths = torch.tensor([len(row) for row in rows], device=self.device)
+        token_mask = (torch.arange(width, device=self.device) < lengths.unsqueeze(1)).long()
+        one_prompt = torch.zeros(count, dtype=torch.long, device=self.device)
+        layers = [(gather_rows(k, one_prompt), gather_rows(v, one_prompt)) for k, v in prefix.layers]
+        cache = DynamicCache(ddp_cache_data=layers or None, config=self.model.config)
+        mask = torch.cat([gather_rows(prefix.mask, one_prompt), token_mask], dim=1)
+        positions = prefix.lengths[0] + torch.arange(width, device=self.device).expand(count, -1)
+        hidden = self._run_body(inputs_embeds=self.embed(ids), attention_mask=mask, position_ids=positions,
+                                past_key_values=cache, use_cache=True).last_hidden_state
+        last = hidden[torch.arange(count, device=self.device), lengths - 1]
+        generated: list[list[int]] = [[] for _ in rows]
+        running = set(range(count))
+        for step in range(max_new_tokens):
             with self.autocast():
-                logits = self.head(output.last_hidden_state[:, -1])
-            position += step_ids.shape[1]
-            token = int(logits.argmax(-1))
-            if token in stop_ids:
+                tokens = self.head(last).argmax(-1)
+            for row, token in enumerate(tokens.tolist()):
+                if row in running:
+                    if token in stop_ids:
+                        running.discard(row)
+                    else:
+                        generated[row].append(token)
+            if not running or step == max_new_tokens - 1:
                 break
-            generated.append(token)
-            step_ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
+            mask = torch.cat([mask, mask.new_ones(count, 1)], dim=1)  # finished rows run on, unread
+            hidden = self._run_body(inputs_embeds=self.embed(tokens.unsqueeze(1)), attention_mask=mask,
+                                    position_ids=(prefix.lengths[0] + lengths + step).unsqueeze(1),
+                                    past_key_values=cache, use_cache=True).last_hidden_state
+            last = hidden[:, -1]
         return generated
 
 

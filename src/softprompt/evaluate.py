@@ -142,12 +142,14 @@ def prefix_of(backbone: Backbone, prompt: SoftPrompt | None, task: TaskSpec | No
 
 
 def generate_texts(backbone: Backbone, encoder: Encoder, items: list[Encoded], prefix: PrefixCache,
-                   max_new_tokens: int) -> list[str]:
+                   max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    """Greedy one-line answers, decoded in batches of similar input length."""
     stop = set(encoder.eos_ids) | set(backbone.tokenizer.all_special_ids) | backbone.newline_ids
-    texts = []
-    for item in items:
-        ids = backbone.generate(item.input_ids, prefix, max_new_tokens, stop)
-        texts.append(backbone.tokenizer.decode(ids).split("\n")[0])
+    texts = [""] * len(items)
+    for indices in length_sorted_batches(items, batch_size):
+        generated = backbone.generate([items[i].input_ids for i in indices], prefix, max_new_tokens, stop)
+        for index, ids in zip(indices, generated):
+            texts[index] = backbone.tokenizer.decode(ids).split("\n")[0]
     return texts
 
 

@@ -74,8 +74,12 @@ class Seq2SeqBackbone(Backbone):
     def eos_ids(self) -> list[int]:
         return [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
 
+    def generate(self, rows: list[list[int]], prefix: PrefixCache, max_new_tokens: int,
+                 stop_ids: set[int]) -> list[list[int]]:
+        return [self._generate_one(ids, prefix, max_new_tokens, stop_ids) for ids in rows]
+
     @torch.no_grad()
-    def generate(self, ids: list[int], prefix: PrefixCache, max_new_tokens: int, stop_ids: set[int]) -> list[int]:
+    def _generate_one(self, ids: list[int], prefix: PrefixCache, max_new_tokens: int, stop_ids: set[int]) -> list[int]:
         """Greedy decoding of one input with the prompt in front of the encoder input."""
         embeds = self.embed(torch.tensor([ids + self.eos_ids], device=self.device))
         if prefix.embeddings is not None and prefix.embeddings[0].shape[0]:
