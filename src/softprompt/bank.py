@@ -170,7 +170,7 @@ class PromptBank:
 
     @torch.inference_mode()
     def generate(self, name: str, rows: list[dict[str, str]], max_new_tokens: int = 64) -> list[str]:
-        """Greedy one-line answers from a generation prompt, one input at a time."""
+        """Greedy one-line answers from a generation prompt, the inputs decoded together."""
         entry = self.entry(name)
         if entry.prompt.task.is_classification:
             raise SoftPromptError(f"prompt {name!r} is a classifier: use classify (POST /v1/classify)")

@@ -159,7 +159,7 @@ def create_app(bank: PromptBank, api_key: str | None = None, max_batch: int = 32
     async def generate(request: GenerateRequest) -> dict:
         check_batch(len(request.inputs))
         fields = rows(request.prompt, request.inputs)
-        try:  # greedy decoding is sequential per input: it runs beside the batcher, not in it
+        try:  # a decoding loop per request (its inputs batched together), beside the batcher, not in it
             texts = await asyncio.to_thread(bank.generate, request.prompt, fields, request.max_new_tokens)
         except SoftPromptError as error:
             raise HTTPException(422, str(error)) from None
