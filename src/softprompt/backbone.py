@@ -465,8 +465,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def cast_frozen_linears(model: PreTrainedModel, dtype: torch.dtype) -> None:
     """Store the frozen linear layers' weights (and biases) in the dtype autocast computes them in. Autocast keeps
     a cast only of weights that require grad, so with frozen fp32 weights every forward pass rounds all of them
-    again (and training keeps those copies for backward); on a CPU that cost more than the matmuls of a small
-    batch. Same values: autocast would round them exactly so. A head tied to the input embeddings gets its own
+    again (and training keeps those copies for backward): on a 2-core CPU, nearly half of a lone request's forward
+    pass. Same values: autocast would round them exactly so. A head tied to the input embeddings gets its own
     copy: the embeddings stay fp32 (prompts live among them; the fingerprint hashes them)."""
     embeddings = model.get_input_embeddings().weight
     for module in model.modules():
