@@ -260,6 +260,16 @@ def test_a_device_map_with_a_layer_on_disk_scores_and_trains_like_the_plain_load
                for i, b in enumerate((plain, mapped))]
     torch.testing.assert_close(trained[1].prompt.embeddings, trained[0].prompt.embeddings, atol=1e-5, rtol=1e-5)
 
+    # in bf16, weights a device holds are stored in bf16; offloaded ones stay as stored (accelerate loads them)
+    half = load_model(str(tmp_path / "tiny"), precision="bf16", device_map={"": "cpu"})
+    assert half.model.model.layers[1].self_attn.q_proj.weight.dtype == torch.bfloat16
+    mapped_half = load_model(str(tmp_path / "tiny"), precision="bf16", device_map=device_map,
+                             offload_folder=str(tmp_path / "offload-half"))
+    assert mapped_half.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    half_scores = [label_scores(b, Encoder(b, task), Encoder(b, task).encode_all(examples), prompts=prompts,
+                                prompt_index=index) for b in (half, mapped_half)]
+    assert torch.equal(half_scores[0], half_scores[1])
+
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])  # Gemma3 ties its head to the input embeddings
 def test_a_half_precision_load_stores_linear_weights_in_half_with_the_same_numbers(arch, tmp_path):

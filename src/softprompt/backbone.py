@@ -507,14 +507,16 @@ def load_model(name: str | None = None, precision: str = "auto", device_map: str
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if device_map is None:
         model = loader.from_pretrained(directory, dtype=torch.float32)
-        backbone = kind(model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer, name=name,
-                        precision=precision)
-        if backbone.precision in HALF_TYPES:
-            cast_frozen_linears(backbone.model, HALF_TYPES[backbone.precision])
-        return backbone
-    model = loader.from_pretrained(directory, dtype=torch.float32, device_map=device_map,
-                                   offload_folder=offload_folder)
-    if model.get_input_embeddings().weight.device.type == "meta":
-        raise SoftPromptError("device_map put the input embeddings on disk; keep them on a device (they are read "
-                              "for every prompt and for the model's fingerprint)")
-    return kind(model, tokenizer, name=name, precision=precision)
+        model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        model = loader.from_pretrained(directory, dtype=torch.float32, device_map=device_map,
+                                       offload_folder=offload_folder)
+        if model.get_input_embeddings().weight.device.type == "meta":
+            raise SoftPromptError("device_map put the input embeddings on disk; keep them on a device (they are "
+                                  "read for every prompt and for the model's fingerprint)")
+    backbone = kind(model, tokenizer, name=name, precision=precision)
+    # offloaded weights (meta here) are loaded by accelerate at each call, as stored: those stay fp32
+    offloaded = any(parameter.device.type == "meta" for parameter in model.parameters())
+    if backbone.precision in HALF_TYPES and not offloaded:
+        cast_frozen_linears(model, HALF_TYPES[backbone.precision])
+    return backbone
