@@ -93,6 +93,14 @@ class PrefixCache:
                            embeddings, padded)
 
 
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Token rows of different lengths as [rows, longest] ids, right-padded with `pad_id`, and their 0/1 mask."""
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long)
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], dtype=torch.long)
+    return ids, mask
+
+
 @dataclass
 class TokenBatch:
     """Right-padded token rows plus the tokens whose log-probs are wanted.
@@ -403,10 +411,8 @@ class Backbone:
                                                         + max_new_tokens):
             # a sliding window counts cache slots, padding included: rows that outgrow it decode alone, exactly
             return [self.generate([row], prefix, max_new_tokens, stop_ids)[0] for row in rows]
-        count, width = len(rows), max(map(len, rows))
-        ids = torch.tensor([row + [self.pad_id] * (width - len(row)) for row in rows], device=self.device)
-        lengths = torch.tensor([len(row) for row in rows], device=self.device)
-        token_mask = (torch.arange(width, device=self.device) < lengths.unsqueeze(1)).long()
+        ids, token_mask = (tensor.to(self.device) for tensor in right_pad(rows, self.pad_id))
+        (count, width), lengths = ids.shape, token_mask.sum(1)
         one_prompt = torch.zeros(count, dtype=torch.long, device=self.device)
         layers = [(gather_rows(k, one_prompt), gather_rows(v, one_prompt)) for k, v in prefix.layers]
         cache = DynamicCache(ddp_cache_data=layers or None, config=self.model.config)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .backbone import Backbone, TokenBatch
+from .backbone import Backbone, TokenBatch, right_pad
 from .errors import SoftPromptError
 from .files import cache_root, write_atomically
 from .tasks import TaskSpec, split_template
@@ -465,9 +465,7 @@ def scoring_batch(
 
 def token_batch(rows: list[list[int]], targets: list[tuple[int, int, int]], pad_id: int) -> TokenBatch:
     """Right-pad `rows`; `targets` are (row, position predicting the token, token id)."""
-    width = max(len(row) for row in rows)
-    input_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long)
-    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], dtype=torch.long)
+    input_ids, mask = right_pad(rows, pad_id)
     target = torch.tensor(targets, dtype=torch.long).reshape(-1, 3)
     return TokenBatch(input_ids, mask, target[:, 0], target[:, 1], target[:, 2])
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backbone import Backbone, PrefixCache, TokenBatch
+from .backbone import Backbone, PrefixCache, TokenBatch, right_pad
 from .errors import SoftPromptError
 from .tasks import TaskSpec
 
@@ -36,9 +36,7 @@ class EncoderBackbone(Backbone):
         """Mean-pooled, L2-normalised outputs of [CLS] prompt ids [SEP] for each row of `ids`, [rows, d]."""
         cls_id, sep_id = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
         rows = [[cls_id] + row + [sep_id] for row in ids]
-        width = max(len(row) for row in rows)
-        input_ids = torch.tensor([row + [self.pad_id] * (width - len(row)) for row in rows], device=self.device)
-        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=self.device)
+        input_ids, mask = (tensor.to(self.device) for tensor in right_pad(rows, self.pad_id))
         embeds = self.embed(input_ids)
         if prompt is not None and prompt.shape[0]:  # after [CLS], as the prompt goes after BOS in causal models
             prompt = prompt.to(embeds.dtype).unsqueeze(0).expand(len(rows), -1, -1)

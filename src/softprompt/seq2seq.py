@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backbone import Backbone, PrefixCache, TokenBatch
+from .backbone import Backbone, PrefixCache, TokenBatch, right_pad
 
 
 class Seq2SeqBackbone(Backbone):
@@ -48,9 +48,9 @@ class Seq2SeqBackbone(Backbone):
             start = int(positions.min())  # the input's last position predicts the first target
             encoder_rows.append(batch.input_ids[row, : start + 1].tolist() + self.eos_ids)
             decoder_rows.append(ids[order].tolist())
-        encoder_ids, encoder_mask = _right_pad(encoder_rows, self.pad_id)
+        encoder_ids, encoder_mask = right_pad(encoder_rows, self.pad_id)
         start_id = self.model.config.decoder_start_token_id
-        decoder_ids, decoder_mask = _right_pad([[start_id] + ids[:-1] for ids in decoder_rows], self.pad_id)
+        decoder_ids, decoder_mask = right_pad([[start_id] + ids[:-1] for ids in decoder_rows], self.pad_id)
         embeds = self.embed(encoder_ids.to(self.device))
         mask = encoder_mask.to(self.device)
         if prompts is not None and prompts.shape[1]:
@@ -98,13 +98,6 @@ class Seq2SeqBackbone(Backbone):
             generated.append(token)
             decoder.append(token)
         return generated
-
-
-def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    width = max(len(row) for row in rows)
-    ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long)
-    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], dtype=torch.long)
-    return ids, mask
 
 
 def _batch_order(batch: TokenBatch) -> Tensor:
