@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The device-machine runs behind docs/benchmarks.md's CUDA rows (random-weight Llama shapes; no weights travel).
-#   bash bench/gpu_check.sh [train] [two-pass] [lean] [compile] [profile] [serve] [padding]   (default: all seven)
+#   bash bench/gpu_check.sh [train] [two-pass] [lean] [compile] [compile-k20] [cuda-graphs] [profile] [serve] [padding]
+# (default: all nine, in that order; each section prints its wall time, to plan the next session's device minutes)
 # Carry .whl: transformers 5.23.0 and peft 0.21.2 wheels as pinned here, and .whl/serve, the server's pure-Python
 # dependencies (fastapi, uvicorn, httpx, typer, rich...: `pip download -d .whl/serve fastapi==0.163.2 ...`).
 # Results land in $OUT.
@@ -14,8 +15,9 @@ export PYTHONPATH=/tmp/site:src:bench:/tmp/serve-site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import sys, torch, transformers, peft; print(sys.version.split()[0], torch.__version__, transformers.__version__, peft.__version__)" | tee -a "$OUT/gpu.txt"
 sections=("$@")
-[ ${#sections[@]} -gt 0 ] || sections=(train two-pass lean compile profile serve padding)
+[ ${#sections[@]} -gt 0 ] || sections=(train two-pass lean compile compile-k20 cuda-graphs profile serve padding)
 for section in "${sections[@]}"; do
+  started=$SECONDS
   case $section in
     train) python3 bench/train_step.py --config all-cuda --steps 20 --warmup 5 2>&1 | tee "$OUT/bench_cuda.log" ;;
     two-pass)  # the training step before prompts and tokens were packed into one pass, for the A/B
@@ -24,11 +26,13 @@ for section in "${sections[@]}"; do
     lean)  # the A/B for lean_backward.py: softprompt with the activations transformers keeps
       python3 bench/train_step.py --config cuda-1b-k100 --steps 20 --warmup 5 --transformers-backward 2>&1 \
         | tee "$OUT/bench_cuda_transformers_backward.log" ;;
-    compile)  # one compiled graph shared by the layers (~20 s on a CPU): bounded, each configuration prints as it ends
+    compile)  # both methods compiled layer by layer (one graph shared by the layers); bounded
       timeout 200 python3 bench/train_step.py --config cuda-1b-k100 --steps 20 --warmup 5 --compile 2>&1 \
-        | tee "$OUT/bench_cuda_compile.log"
+        | tee -a "$OUT/bench_cuda_compile.log" ;;
+    compile-k20)
       timeout 130 python3 bench/train_step.py --config cuda-1b-k20 --steps 20 --warmup 5 --compile 2>&1 \
-        | tee -a "$OUT/bench_cuda_compile.log"
+        | tee -a "$OUT/bench_cuda_compile.log" ;;
+    cuda-graphs)  # reduce-overhead: each layer's CUDA graph replayed, one launch instead of each kernel
       timeout 150 python3 bench/train_step.py --config cuda-1b-k100 --steps 20 --warmup 5 --compile \
         --compile-mode reduce-overhead 2>&1 | tee -a "$OUT/bench_cuda_compile.log" ;;
     profile) timeout 120 python3 bench/train_step.py --config cuda-1b-k100 --steps 5 --warmup 3 --profile 2>&1 \
@@ -43,4 +47,5 @@ for section in "${sections[@]}"; do
       timeout 180 python3 bench/padding.py --random-model llama-1b --batch 4,16,32 2>&1 | tee "$OUT/bench_padding_cuda.log" ;;
     *) echo "unknown section $section"; exit 2 ;;
   esac
+  echo "section $section: $((SECONDS - started)) s" | tee -a "$OUT/gpu.txt"
 done

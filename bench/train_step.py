@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import statistics
 import subprocess
@@ -232,6 +233,11 @@ def profile(name: str, steps: int, warmup: int, variant: Variant = Variant(), to
 
 
 def run_config(name: str, steps: int, warmup: int, variant: Variant = Variant()) -> dict:
+    if CONFIGS[name]["device"] == "cuda":  # peaks count every live tensor: the previous configuration's must be gone
+        gc.collect()
+        if torch.cuda.memory_allocated():
+            print(f"  warning: {torch.cuda.memory_allocated() / 2**20:.0f} MiB still allocated before {name}; "
+                  f"its peaks include them", file=sys.stderr)
     timing, setup = time_steps(name, steps, warmup, variant)
     if CONFIGS[name]["device"] == "cuda":
         memory = {"peft": cuda_peak_mib(setup.peft_step, 3), "ours": cuda_peak_mib(setup.ours_step, 3)}

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-import types
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -135,16 +135,32 @@ def install(model: nn.Module) -> int:
         if type(module) not in checked:
             checked[type(module)] = _same_values(module, forward)
         if checked[type(module)]:
-            module.forward = types.MethodType(forward, module)
+            module.forward = _LeanForward(forward, module)
             count += 1
     return count
+
+
+class _LeanForward:
+    """`forward` bound to its module through a weak reference: a bound method stored on the module would be a
+    reference cycle, and a dropped model's weights would stay allocated until Python's next full collection."""
+
+    def __init__(self, forward, module: nn.Module):
+        self.forward = forward
+        self.owner = weakref.ref(module)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.forward(self.owner(), x)
+
+    def __deepcopy__(self, memo: dict) -> _LeanForward:
+        # a deep-copied model (model tuning trains one) runs its own copied weights
+        owner = self.owner()
+        return _LeanForward(self.forward, memo.get(id(owner), owner))
 
 
 def remove(model: nn.Module) -> None:
     """Back to each module's own forward (compiled layers get their own memory planning from inductor)."""
     for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), types.MethodType) and module.forward.__func__ in (
-                _norm_forward, _mlp_forward):
+        if isinstance(module.__dict__.get("forward"), _LeanForward):
             del module.forward
 
 
