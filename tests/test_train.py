@@ -168,13 +168,25 @@ def test_batches_group_similar_lengths_and_cover_the_data(llama_backbone):
     assert batch_order(items, 8, seed=0, epoch=0) == batches != batch_order(items, 8, seed=0, epoch=1)
 
 
-def test_bad_optimizer_and_objective(tmp_path, llama_backbone):
+def test_bad_optimizer_objective_and_compile_mode(tmp_path, llama_backbone):
     with pytest.raises(SoftPromptError, match="unknown optimizer 'sgd'"):
         train(llama_backbone, TASK, examples(8), examples(4), tmp_path / "p.safetensors", config(optimizer="sgd"),
               show_progress=False)
     with pytest.raises(SoftPromptError, match="unknown objective 'mse'"):
         train(llama_backbone, TASK, examples(8), examples(4), tmp_path / "q.safetensors", config(objective="mse"),
               show_progress=False)
+    with pytest.raises(SoftPromptError, match="unknown compile mode 'fastest'; choose .*reduce-overhead"):
+        train(llama_backbone, TASK, examples(8), examples(4), tmp_path / "r.safetensors",
+              config(compile_mode="fastest"), show_progress=False)
+    assert not llama_backbone.compiled
+
+
+def test_a_compile_mode_compiles_the_layers(tmp_path, llama_backbone):
+    result = train(llama_backbone, TASK, examples(8), examples(4), tmp_path / "p.safetensors",
+                   config(compile_mode="default", steps=2, eval_every=2), show_progress=False)
+    assert llama_backbone.compiled
+    logged = losses(result)
+    assert logged and all(torch.isfinite(torch.tensor(logged)))
 
 
 def test_generation_task_trains_on_the_target_text(tmp_path, llama_backbone):

@@ -27,6 +27,9 @@ from . import lean_backward, prefix_attention
 from .errors import SoftPromptError
 from .prefix_attention import gather_rows
 
+# torch.compile's modes; "reduce-overhead" replays each compiled layer as a CUDA graph (one launch per layer)
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 @dataclass
 class PrefixCache:
@@ -167,6 +170,8 @@ class Backbone:
         so they share one compiled graph: compiling takes about as long for 30 layers as for one, where compiling
         the whole stack grew with depth. Only the packed training pass runs compiled (`_run_body`). `mode`:
         torch.compile's, e.g. "reduce-overhead" (CUDA graphs: fewer kernel launches from the host)."""
+        if mode not in COMPILE_MODES:
+            raise SoftPromptError(f"unknown compile mode {mode!r}; choose one of {', '.join(map(str, COMPILE_MODES))}")
         if self.is_seq2seq or self.is_encoder_only or not self.prefix_attention:
             raise SoftPromptError(f"--compile supports the causal LMs whose attention takes the prompt as plain "
                                   f"tensors ({', '.join(sorted(prefix_attention.MODEL_TYPES))}); {self.name!r} "

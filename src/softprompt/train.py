@@ -57,6 +57,7 @@ class TrainConfig:
     reparameterize: int = 0  # deep prompts: hidden width of prefix-tuning's MLP reparameterization (0: none)
     activation_checkpointing: bool = False  # recompute layer activations in backward: less memory, more time
     compile: bool = False  # torch.compile the decoder layers (Backbone.compile; the first step compiles)
+    compile_mode: str | None = None  # torch.compile's mode, e.g. "reduce-overhead" (CUDA graphs); implies compile
 
     @property
     def learning_rate(self) -> float:
@@ -209,8 +210,8 @@ def train(
             raise SoftPromptError("activation checkpointing works with --method prompt (deep prompts are keys/values "
                                   "that checkpointed layers would drop)")
         config = replace(config, path="concat")  # checkpointed layers drop past_key_values: no cached prompt
-    if config.compile:
-        backbone.compile()
+    if config.compile or config.compile_mode:
+        backbone.compile(config.compile_mode)
     if backbone.is_encoder_only:  # the label head trains with the prompt, as rows after it (encoder_model.py)
         initial = torch.cat([embeddings, backbone.label_head(task)])
     trainable = trainable_prompt(initial, embeddings, config.reparameterize).to(backbone.device)
