@@ -23,9 +23,9 @@ for section in "${sections[@]}"; do
     two-pass)  # the training step before prompts and tokens were packed into one pass, for the A/B
       python3 bench/train_step.py --config cuda-1b-k100 --steps 20 --warmup 5 --ours-path two-pass 2>&1 \
         | tee "$OUT/bench_cuda_two_pass.log" ;;
-    lean)  # the A/B for lean_backward.py: softprompt with the activations transformers keeps
-      python3 bench/train_step.py --config cuda-1b-k100 --steps 20 --warmup 5 --transformers-backward 2>&1 \
-        | tee "$OUT/bench_cuda_transformers_backward.log" ;;
+    lean)  # the A/B for lean_backward.py in one process: softprompt with the activations transformers keeps
+      python3 bench/train_step.py --config cuda-1b-k100 --steps 20 --warmup 5 --lean-ab 2>&1 \
+        | tee "$OUT/bench_cuda_lean_ab.log" ;;
     compile)  # both methods compiled layer by layer (one graph shared by the layers); bounded
       timeout 200 python3 bench/train_step.py --config cuda-1b-k100 --steps 20 --warmup 5 --compile 2>&1 \
         | tee -a "$OUT/bench_cuda_compile.log" ;;

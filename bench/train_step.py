@@ -6,6 +6,7 @@
     python bench/train_step.py --config all-cpu --ours-path two-pass   # softprompt's earlier two-pass training step
     python bench/train_step.py --config cpu-overhead-k20 --steps 30      # host (dispatch) overhead per step only
     python bench/train_step.py --config all-cpu --transformers-backward  # softprompt without lean_backward.py
+    python bench/train_step.py --config cuda-1b-k100 --lean-ab   # with vs without lean_backward.py, one process
 
 Timing: both methods in one process, alternating step by step after warm-up; median ms/step.
 Memory: CUDA: torch.cuda.max_memory_allocated over each method's steps, after the timing in the same process (peak
@@ -161,23 +162,46 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(name: str, steps: int, warmup: int, variant: Variant = Variant()) -> dict:
-    setup = build(name, variant)
-    device = CONFIGS[name]["device"]
-    timings = {"ours": [], "peft": []}
+def alternate(step_functions: dict, steps: int, warmup: int, device: str) -> dict:
+    """Median ms/step of each step function, run in turn after warm-up so that drift affects all alike."""
+    timings = {name: [] for name in step_functions}
     for index in range(warmup + steps):
-        for method in ("peft", "ours"):  # alternate so drift affects both alike
+        for name, step in step_functions.items():
             sync(device)
             start = time.perf_counter()
-            (setup.ours_step if method == "ours" else setup.peft_step)()
+            step()
             sync(device)
             if index >= warmup:
-                timings[method].append((time.perf_counter() - start) * 1000)
+                timings[name].append((time.perf_counter() - start) * 1000)
             elif index == 0:  # includes compilation with --compile
-                print(f"  {method}: first step {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    result = {method: statistics.median(values) for method, values in timings.items()}
+                print(f"  {name}: first step {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return {name: statistics.median(values) for name, values in timings.items()}
+
+
+def time_steps(name: str, steps: int, warmup: int, variant: Variant = Variant()) -> dict:
+    setup = build(name, variant)
+    result = alternate({"peft": setup.peft_step, "ours": setup.ours_step}, steps, warmup, CONFIGS[name]["device"])
     result["tokens_per_step"] = setup.tokens_per_step
     return result, setup
+
+
+def lean_ab(name: str, steps: int, warmup: int) -> dict:
+    """softprompt's step with lean_backward.py vs with transformers' own backward, in one process (no PEFT)."""
+    from softprompt import lean_backward
+
+    setup = build(name)
+    device = CONFIGS[name]["device"]
+
+    def transformers_step() -> float:
+        with lean_backward.disabled():
+            return setup.ours_step()
+
+    steps_by_name = {"lean": setup.ours_step, "transformers": transformers_step}
+    result = {"config": name, **{f"{key}_ms": round(value, 1)
+                                 for key, value in alternate(steps_by_name, steps, warmup, device).items()}}
+    if device == "cuda":
+        result.update({f"{key}_peak_mib": round(cuda_peak_mib(step, 3)) for key, step in steps_by_name.items()})
+    return result
 
 
 def cuda_peak_mib(step, steps: int) -> float:
@@ -275,6 +299,8 @@ def main() -> None:
     parser.add_argument("--transformers-backward", action="store_true",
                         help="softprompt without lean_backward (the activations transformers keeps), for the A/B")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per method instead")
+    parser.add_argument("--lean-ab", action="store_true",
+                        help="softprompt with and without lean_backward in one process instead (ms/step; CUDA: peak)")
     parser.add_argument("--memory-of", choices=["ours", "peft"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     variant = Variant(args.compile, args.ours_path, args.compile_mode, lean=not args.transformers_backward)
@@ -285,6 +311,10 @@ def main() -> None:
     if args.profile:
         for name in names:
             profile(name, args.steps, args.warmup, variant)
+        return
+    if args.lean_ab:
+        for name in names:
+            print(json.dumps(lean_ab(name, args.steps, args.warmup)))
         return
     results = []
     for name in names:
