@@ -7,6 +7,7 @@
     python bench/train_step.py --config cpu-overhead-k20 --steps 30      # host (dispatch) overhead per step only
     python bench/train_step.py --config all-cpu --transformers-backward  # softprompt without lean_backward.py
     python bench/train_step.py --config cuda-1b-k100 --lean-ab   # with vs without lean_backward.py, one process
+    python bench/train_step.py --config cuda-1b-k100 --compile --peft-eager   # ours compiled vs PEFT as it ships
 
 Timing: both methods in one process, alternating step by step after warm-up; median ms/step.
 Memory: CUDA: torch.cuda.max_memory_allocated over each method's steps, after the timing in the same process (peak
@@ -52,7 +53,8 @@ OURS_PATHS = ("packed", "two-pass", "cache-object")
 
 @dataclass(frozen=True)
 class Variant:
-    """`compile`: torch.compile the decoder layers (both methods). `ours_path`: how softprompt hands the prompt to
+    """`compile`: torch.compile the decoder layers (both methods; `peft_eager`: PEFT runs them eagerly, as it ships,
+    the comparison behind issue #3's reference figures). `ours_path`: how softprompt hands the prompt to
     attention: "packed" (prompt and tokens in one pass, the default), "two-pass" (the prompt's keys/values from a
     separate batch-1 pass, as plain tensors) or "cache-object" (the same, in a transformers DynamicCache)."""
 
@@ -60,16 +62,18 @@ class Variant:
     ours_path: str = "packed"
     compile_mode: str | None = None  # torch.compile's mode, e.g. "reduce-overhead" (CUDA graphs)
     lean: bool = True  # False: softprompt with transformers' own backward (lean_backward.disabled())
+    peft_eager: bool = False
 
     def arguments(self) -> list[str]:
         return [*(["--compile"] if self.compile else []), *(["--compile-mode", self.compile_mode]
                                                             if self.compile_mode else []),
-                "--ours-path", self.ours_path, *([] if self.lean else ["--transformers-backward"])]
+                "--ours-path", self.ours_path, *([] if self.lean else ["--transformers-backward"]),
+                *(["--peft-eager"] if self.peft_eager else [])]
 
     def suffix(self) -> str:
         compiled = "+compile" + (f"-{self.compile_mode}" if self.compile_mode else "") if self.compile else ""
         return (compiled + ("" if self.ours_path == "packed" else f"+{self.ours_path}")
-                + ("" if self.lean else "+transformers-backward"))
+                + ("" if self.lean else "+transformers-backward") + ("+peft-eager" if self.peft_eager else ""))
 
 
 @dataclass
@@ -147,7 +151,8 @@ def build(name: str, variant: Variant = Variant(), device: str | None = None, **
 
     def peft_step() -> float:
         # same precision as ours; no cache object, which training never reads; PEFT's own activations
-        with backbone.autocast(), lean_backward.disabled():
+        eager = torch.compiler.set_stance("force_eager") if variant.peft_eager else contextlib.nullcontext()
+        with backbone.autocast(), lean_backward.disabled(), eager:
             loss = peft_model(input_ids=peft_ids, attention_mask=peft_mask, labels=labels, use_cache=False).loss
         peft_optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -294,6 +299,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decoder layers (Backbone.compile; both methods)")
     parser.add_argument("--compile-mode", help="with --compile: torch.compile's mode, e.g. reduce-overhead")
+    parser.add_argument("--peft-eager", action="store_true",
+                        help="with --compile: PEFT runs the layers eagerly (as it ships); softprompt compiled")
     parser.add_argument("--ours-path", choices=OURS_PATHS, default="packed",
                         help="how softprompt runs the prompt (see Variant); the default is the library's training path")
     parser.add_argument("--transformers-backward", action="store_true",
@@ -303,7 +310,10 @@ def main() -> None:
                         help="softprompt with and without lean_backward in one process instead (ms/step; CUDA: peak)")
     parser.add_argument("--memory-of", choices=["ours", "peft"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    variant = Variant(args.compile, args.ours_path, args.compile_mode, lean=not args.transformers_backward)
+    if args.peft_eager and not args.compile:
+        parser.error("--peft-eager compares against softprompt compiled: add --compile")
+    variant = Variant(args.compile, args.ours_path, args.compile_mode, lean=not args.transformers_backward,
+                      peft_eager=args.peft_eager)
     if args.memory_of:
         print(json.dumps({"peak_mib": peak_memory_mib(args.config, args.memory_of, args.steps, variant)}))
         return
