@@ -35,9 +35,12 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float, style: str) -> Tensor:
         ctx.style = style
-        scale = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        hidden = x.float()  # transformers' RMSNorm arithmetic from here on, op for op
+        scale = torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, scale)
-        return _normed(x, weight, scale, style)
+        if style == "gemma":
+            return (hidden * scale * (1.0 + weight.float())).type_as(x)
+        return weight * (hidden * scale).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -50,13 +53,6 @@ class _RMSNorm(torch.autograd.Function):
         # d/dx of x * rsqrt(mean(x^2) + eps), applied to grad_normed
         grad_x = scale * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
         return grad_x.to(x.dtype), None, None, None
-
-
-def _normed(x: Tensor, weight: Tensor, scale: Tensor, style: str) -> Tensor:
-    """transformers' RMSNorm arithmetic, op for op, given the per-position scale."""
-    if style == "gemma":
-        return (x.float() * scale * (1.0 + weight.float())).type_as(x)
-    return weight * (x.float() * scale).to(x.dtype)
 
 
 # activations (transformers' module class names) whose gradient is one kernel, given the input
