@@ -12,6 +12,8 @@
 Timing: both methods in one process, alternating step by step after warm-up; median ms/step.
 Memory: CUDA: torch.cuda.max_memory_allocated over each method's steps, after the timing in the same process (peak
 reset before each method; the other method's activations are freed by then, so a compiled model compiles once).
+With CUDA graphs (`--compile-mode reduce-overhead`) the graphs' memory lives in pools that max_memory_allocated does
+not see at replay, so each method runs in its own process and its peak RESERVED memory counts (cache emptied first).
 CPU: each method in a fresh subprocess, a thread sampling RSS every 2 ms; peak RSS during the steps minus RSS just
 before them (the activation + gradient memory the step adds on top of the loaded model).
 Both compute the same loss: negative log-likelihood of the label token after prompt + input. PEFT runs the model
@@ -69,6 +71,10 @@ class Variant:
                                                             if self.compile_mode else []),
                 "--ours-path", self.ours_path, *([] if self.lean else ["--transformers-backward"]),
                 *(["--peft-eager"] if self.peft_eager else [])]
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.compile and self.compile_mode == "reduce-overhead"
 
     def suffix(self) -> str:
         compiled = "+compile" + (f"-{self.compile_mode}" if self.compile_mode else "") if self.compile else ""
@@ -209,14 +215,18 @@ def lean_ab(name: str, steps: int, warmup: int) -> dict:
     return result
 
 
-def cuda_peak_mib(step, steps: int) -> float:
+def cuda_peak_mib(step, steps: int, reserved: bool = False) -> float:
+    """`reserved`: the allocator's reserved bytes instead of the live tensors' (CUDA graphs keep their memory in a
+    pool that live-tensor counting does not see at replay); cached blocks are released first."""
     step()
     torch.cuda.synchronize()
+    if reserved:
+        torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     for _ in range(steps):
         step()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**20
+    return (torch.cuda.max_memory_reserved() if reserved else torch.cuda.max_memory_allocated()) / 2**20
 
 
 def peak_memory_mib(name: str, method: str, steps: int, variant: Variant = Variant()) -> float:
@@ -224,7 +234,7 @@ def peak_memory_mib(name: str, method: str, steps: int, variant: Variant = Varia
     setup = build(name, variant)
     step = setup.ours_step if method == "ours" else setup.peft_step
     if CONFIGS[name]["device"] == "cuda":
-        return cuda_peak_mib(step, steps)
+        return cuda_peak_mib(step, steps, reserved=variant.cuda_graphs)
     with PeakRSS() as peak:
         for _ in range(steps):
             step()
@@ -268,9 +278,11 @@ def run_config(name: str, steps: int, warmup: int, variant: Variant = Variant())
             print(f"  warning: {torch.cuda.memory_allocated() / 2**20:.0f} MiB still allocated before {name}; "
                   f"its peaks include them", file=sys.stderr)
     timing, setup = time_steps(name, steps, warmup, variant)
-    if CONFIGS[name]["device"] == "cuda":
+    if CONFIGS[name]["device"] == "cuda" and not variant.cuda_graphs:
         memory = {"peft": cuda_peak_mib(setup.peft_step, 3), "ours": cuda_peak_mib(setup.ours_step, 3)}
-    else:
+    else:  # each method in its own process (CUDA graphs: one method's graph pools would count in the other's)
+        del setup
+        gc.collect()
         memory = {}
         for method in ("peft", "ours"):
             command = [sys.executable, __file__, "--config", name, "--memory-of", method, "--steps", "3",
@@ -288,6 +300,8 @@ def run_config(name: str, steps: int, warmup: int, variant: Variant = Variant())
         "peft_peak_mib": round(memory["peft"]),
         "ours_peak_mib": round(memory["ours"]),
         "memory_ratio": round(memory["ours"] / memory["peft"], 3),
+        **({"memory_counted": "reserved, one process per method"}
+           if variant.cuda_graphs and CONFIGS[name]["device"] == "cuda" else {}),
     }
 
 
