@@ -42,7 +42,7 @@ for section in "${sections[@]}"; do
     peft-eager)  # issue #3's own comparison, in one process: softprompt compiled (both modes) vs PEFT as it ships
       timeout 100 python3 bench/train_step.py --config cuda-1b-k100 --steps 20 --warmup 5 --compile --peft-eager \
         2>&1 | tee -a "$OUT/bench_cuda_peft_eager.log"
-      timeout 100 python3 bench/train_step.py --config cuda-1b-k100 --steps 20 --warmup 5 --compile --peft-eager \
+      timeout 150 python3 bench/train_step.py --config cuda-1b-k100 --steps 20 --warmup 5 --compile --peft-eager \
         --compile-mode reduce-overhead 2>&1 | tee -a "$OUT/bench_cuda_peft_eager.log" ;;
     profile) timeout 120 python3 bench/train_step.py --config cuda-1b-k100 --steps 5 --warmup 3 --profile 2>&1 \
       | tee "$OUT/profile_cuda.log" ;;
