@@ -171,7 +171,8 @@ class Backbone:
         the whole stack grew with depth. Only the packed training pass runs compiled (`_run_body`). `mode`:
         torch.compile's, e.g. "reduce-overhead" (CUDA graphs: fewer kernel launches from the host)."""
         if mode not in COMPILE_MODES:
-            raise SoftPromptError(f"unknown compile mode {mode!r}; choose one of {', '.join(map(str, COMPILE_MODES))}")
+            raise SoftPromptError(f"unknown compile mode {mode!r}; choose one of "
+                                  f"{', '.join(name for name in COMPILE_MODES if name)}")
         if self.is_seq2seq or self.is_encoder_only or not self.prefix_attention:
             raise SoftPromptError(f"--compile supports the causal LMs whose attention takes the prompt as plain "
                                   f"tensors ({', '.join(sorted(prefix_attention.MODEL_TYPES))}); {self.name!r} "
