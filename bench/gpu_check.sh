@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The device-machine runs behind docs/benchmarks.md's CUDA rows (random-weight Llama shapes; no weights travel).
-#   bash bench/gpu_check.sh [train] [two-pass] [lean] [compile] [compile-k20] [cuda-graphs] [compile-check]
+#   bash bench/gpu_check.sh [train] [blocked] [two-pass] [lean] [compile] [compile-k20] [cuda-graphs] [compile-check]
 #                           [peft-eager] [profile] [serve] [padding]
-# (default: all eleven, in that order; each section prints its wall time, to plan the next session's device minutes)
+# (default: all twelve, in that order; each section prints its wall time, to plan the next session's device minutes)
 # Carry .whl: transformers 5.23.0 and peft 0.21.2 wheels as pinned here, and .whl/serve, the server's pure-Python
 # dependencies (fastapi, uvicorn, httpx, typer, rich...: `pip download -d .whl/serve fastapi==0.163.2 ...`).
 # Results land in $OUT.
@@ -16,11 +16,14 @@ export PYTHONPATH=/tmp/site:src:bench:/tmp/serve-site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import sys, torch, transformers, peft; print(sys.version.split()[0], torch.__version__, transformers.__version__, peft.__version__)" | tee -a "$OUT/gpu.txt"
 sections=("$@")
-[ ${#sections[@]} -gt 0 ] || sections=(train two-pass lean compile compile-k20 cuda-graphs compile-check peft-eager profile serve padding)
+[ ${#sections[@]} -gt 0 ] || sections=(train blocked two-pass lean compile compile-k20 cuda-graphs compile-check peft-eager profile serve padding)
 for section in "${sections[@]}"; do
   started=$SECONDS
   case $section in
     train) python3 bench/train_step.py --config all-cuda --steps 20 --warmup 5 2>&1 | tee "$OUT/bench_cuda.log" ;;
+    blocked)  # each method's steps in one block instead of alternating (ours ran 65 ms alone, 80 alternating)
+      python3 bench/train_step.py --config cuda-1b-k100 --steps 20 --warmup 5 --blocked 2>&1 \
+        | tee "$OUT/bench_cuda_blocked.log" ;;
     two-pass)  # the training step before prompts and tokens were packed into one pass, for the A/B
       python3 bench/train_step.py --config cuda-1b-k100 --steps 20 --warmup 5 --ours-path two-pass 2>&1 \
         | tee "$OUT/bench_cuda_two_pass.log" ;;

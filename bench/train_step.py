@@ -189,9 +189,16 @@ def alternate(step_functions: dict, steps: int, warmup: int, device: str) -> dic
     return {name: statistics.median(values) for name, values in timings.items()}
 
 
-def time_steps(name: str, steps: int, warmup: int, variant: Variant = Variant()) -> dict:
+def time_steps(name: str, steps: int, warmup: int, variant: Variant = Variant(), blocked: bool = False) -> dict:
+    """`blocked`: all of PEFT's steps, then all of ours, instead of alternating (to see what alternating costs)."""
     setup = build(name, variant)
-    result = alternate({"peft": setup.peft_step, "ours": setup.ours_step}, steps, warmup, CONFIGS[name]["device"])
+    methods, device = {"peft": setup.peft_step, "ours": setup.ours_step}, CONFIGS[name]["device"]
+    if blocked:
+        result = {}
+        for method, step in methods.items():
+            result.update(alternate({method: step}, steps, warmup, device))
+    else:
+        result = alternate(methods, steps, warmup, device)
     result["tokens_per_step"] = setup.tokens_per_step
     return result, setup
 
@@ -271,13 +278,13 @@ def profile(name: str, steps: int, warmup: int, variant: Variant = Variant(), to
         print(events.table(sort_by=sort_key, row_limit=top, max_name_column_width=60), file=sys.stderr)
 
 
-def run_config(name: str, steps: int, warmup: int, variant: Variant = Variant()) -> dict:
+def run_config(name: str, steps: int, warmup: int, variant: Variant = Variant(), blocked: bool = False) -> dict:
     if CONFIGS[name]["device"] == "cuda":  # peaks count every live tensor: the previous configuration's must be gone
         gc.collect()
         if torch.cuda.memory_allocated():
             print(f"  warning: {torch.cuda.memory_allocated() / 2**20:.0f} MiB still allocated before {name}; "
                   f"its peaks include them", file=sys.stderr)
-    timing, setup = time_steps(name, steps, warmup, variant)
+    timing, setup = time_steps(name, steps, warmup, variant, blocked)
     if CONFIGS[name]["device"] == "cuda" and not variant.cuda_graphs:
         memory = {"peft": cuda_peak_mib(setup.peft_step, 3), "ours": cuda_peak_mib(setup.ours_step, 3)}
     else:  # each method in its own process (CUDA graphs: one method's graph pools would count in the other's)
@@ -291,7 +298,7 @@ def run_config(name: str, steps: int, warmup: int, variant: Variant = Variant())
             memory[method] = json.loads(output.strip().splitlines()[-1])["peak_mib"]
     tokens = timing["tokens_per_step"]
     return {
-        "config": name + variant.suffix(),
+        "config": name + variant.suffix() + ("+blocked" if blocked else ""),
         "peft_ms": round(timing["peft"], 1),
         "ours_ms": round(timing["ours"], 1),
         "speedup": round(timing["peft"] / timing["ours"], 2),
@@ -320,6 +327,8 @@ def main() -> None:
     parser.add_argument("--transformers-backward", action="store_true",
                         help="softprompt without lean_backward (the activations transformers keeps), for the A/B")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per method instead")
+    parser.add_argument("--blocked", action="store_true",
+                        help="time all of PEFT's steps, then all of ours (default: alternating step by step)")
     parser.add_argument("--lean-ab", action="store_true",
                         help="softprompt with and without lean_backward in one process instead (ms/step; CUDA: peak)")
     parser.add_argument("--memory-of", choices=["ours", "peft"], help=argparse.SUPPRESS)
@@ -343,7 +352,7 @@ def main() -> None:
     results = []
     for name in names:
         print(f"== {name}: {CONFIGS[name]}", file=sys.stderr)
-        results.append(run_config(name, args.steps, args.warmup, variant))
+        results.append(run_config(name, args.steps, args.warmup, variant, args.blocked))
         r = results[-1]
         print(f"{name}: PEFT {r['peft_ms']} ms/step, ours {r['ours_ms']} ms/step -> {r['speedup']}x faster; "
               f"peak {r['peft_peak_mib']} vs {r['ours_peak_mib']} MiB -> {r['memory_ratio']}x memory",
