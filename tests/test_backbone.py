@@ -204,6 +204,29 @@ def test_batched_greedy_generation_equals_each_row_alone(tiny_backbone):
         assert batched == [1, 1, 1]
 
 
+def test_batched_generation_mixes_prompts_and_budgets(tiny_backbone):
+    """Rows after different prompts (2 and 5 slots, left-padded into one cache) with their own token budgets decode
+    as each does alone after its own prompt."""
+    from softprompt.backbone import PrefixCache
+
+    if getattr(tiny_backbone.model.config, "sliding_window", None) is not None:
+        tiny_backbone.model.config.sliding_window = 64  # the batch fits: it decodes together
+    with torch.no_grad():  # sharper attention, so that positions and prompts matter
+        for module in tiny_backbone.model.modules():
+            if hasattr(module, "q_proj"):
+                module.q_proj.weight.mul_(16)
+                module.k_proj.weight.mul_(16)
+    short, long = (tiny_backbone.prompt_key_values(torch.randn(1, k, tiny_backbone.d_model) * 4) for k in (2, 5))
+    rows = [tiny_backbone.tokenize(text) for text in ["Question: what is two plus two?\nAnswer:", "wit", "a b c"]]
+    prompt_index, budgets = [1, 0, 1], [6, 3, 5]
+    alone = [tiny_backbone.generate([row], (short, long)[index], budget, set())[0]
+             for row, index, budget in zip(rows, prompt_index, budgets)]
+    assert [len(tokens) for tokens in alone] == budgets
+    assert alone[1] != tiny_backbone.generate([rows[1]], long, 3, set())[0]  # the prompt changes the answer
+    mixed = tiny_backbone.generate(rows, PrefixCache.stack([short, long]), budgets, set(), prompt_index)
+    assert mixed == alone
+
+
 @pytest.mark.parametrize("drops_padding", [True, False])
 def test_prompts_of_different_lengths_share_one_padded_cache(tiny_backbone, drops_padding):
     """A bank of prompts with different K, padded into one cache, scores each row as its own prompt alone (with

@@ -96,6 +96,13 @@ class PrefixCache:
                            embeddings, padded)
 
 
+def generation_rows(count: int, max_new_tokens: int | list[int],
+                    prompt_index: list[int] | None) -> tuple[list[int], list[int]]:
+    """Each of `count` rows' token budget and prompt number (the first prompt unless told)."""
+    budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * count
+    return budgets, prompt_index if prompt_index is not None else [0] * count
+
+
 def right_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """Token rows of different lengths as [rows, longest] ids, right-padded with `pad_id`, and their 0/1 mask."""
     width = max(len(row) for row in rows)
@@ -408,28 +415,33 @@ class Backbone:
         return hidden.new_zeros(rows * length, hidden.shape[-1]).index_copy_(0, real, hidden).view(rows, length, -1)
 
     @torch.no_grad()
-    def generate(self, rows: list[list[int]], prefix: PrefixCache, max_new_tokens: int,
-                 stop_ids: set[int]) -> list[list[int]]:
-        """Greedy decoding of several inputs after the same one-prompt prefix (BOS + prompt), as one batch; each
-        row stops at any of `stop_ids`. Rows are right-padded: the mask hides the padding from every later token
-        and each row's positions count its real tokens only, so a row decodes as it would alone."""
+    def generate(self, rows: list[list[int]], prefix: PrefixCache, max_new_tokens: int | list[int],
+                 stop_ids: set[int], prompt_index: list[int] | None = None) -> list[list[int]]:
+        """Greedy decoding of several inputs as one batch, each after its prompt in `prefix` (`prompt_index`,
+        default the first), for at most its own `max_new_tokens` (one for all, or one per row); each row stops
+        at any of `stop_ids`. Rows are right-padded and prompts left-padded: the mask hides the padding from
+        every later token and each row's positions count its own real slots and tokens, so a row decodes as it
+        would alone."""
+        budgets, prompt_index = generation_rows(len(rows), max_new_tokens, prompt_index)
         if len(rows) > 1 and not prefix_attention.fits(self.model, prefix.width + max(map(len, rows))
-                                                        + max_new_tokens):
+                                                        + max(budgets)):
             # a sliding window counts cache slots, padding included: rows that outgrow it decode alone, exactly
-            return [self.generate([row], prefix, max_new_tokens, stop_ids)[0] for row in rows]
+            return [self.generate([row], prefix, [budget], stop_ids, [index])[0]
+                    for row, budget, index in zip(rows, budgets, prompt_index)]
         ids, token_mask = (tensor.to(self.device) for tensor in right_pad(rows, self.pad_id))
         (count, width), lengths = ids.shape, token_mask.sum(1)
-        one_prompt = torch.zeros(count, dtype=torch.long, device=self.device)
-        layers = [(gather_rows(k, one_prompt), gather_rows(v, one_prompt)) for k, v in prefix.layers]
+        prompts = torch.tensor(prompt_index, device=self.device)
+        layers = [(gather_rows(k, prompts), gather_rows(v, prompts)) for k, v in prefix.layers]
         cache = DynamicCache(ddp_cache_data=layers or None, config=self.model.config)
-        mask = torch.cat([gather_rows(prefix.mask, one_prompt), token_mask], dim=1)
-        positions = prefix.lengths[0] + torch.arange(width, device=self.device).expand(count, -1)
+        mask = torch.cat([gather_rows(prefix.mask, prompts), token_mask], dim=1)
+        start = prefix.lengths.to(self.device)[prompts]  # each row's first token position: after its prompt
+        positions = start.unsqueeze(1) + torch.arange(width, device=self.device)
         hidden = self._run_body(inputs_embeds=self.embed(ids), attention_mask=mask, position_ids=positions,
                                 past_key_values=cache, use_cache=True).last_hidden_state
         last = hidden[torch.arange(count, device=self.device), lengths - 1]
         generated: list[list[int]] = [[] for _ in rows]
-        running = set(range(count))
-        for step in range(max_new_tokens):
+        running = {row for row, budget in enumerate(budgets) if budget > 0}
+        for step in range(max(budgets)):
             with self.autocast():
                 tokens = self.head(last).argmax(-1)
             for row, token in enumerate(tokens.tolist()):
@@ -438,11 +450,13 @@ class Backbone:
                         running.discard(row)
                     else:
                         generated[row].append(token)
-            if not running or step == max_new_tokens - 1:
+                        if len(generated[row]) == budgets[row]:
+                            running.discard(row)
+            if not running:
                 break
             mask = torch.cat([mask, mask.new_ones(count, 1)], dim=1)  # finished rows run on, unread
             hidden = self._run_body(inputs_embeds=self.embed(tokens.unsqueeze(1)), attention_mask=mask,
-                                    position_ids=(prefix.lengths[0] + lengths + step).unsqueeze(1),
+                                    position_ids=(start + lengths + step).unsqueeze(1),
                                     past_key_values=cache, use_cache=True).last_hidden_state
             last = hidden[:, -1]
         return generated

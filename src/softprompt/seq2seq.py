@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backbone import Backbone, PrefixCache, TokenBatch, right_pad
+from .backbone import Backbone, PrefixCache, TokenBatch, generation_rows, right_pad
 
 
 class Seq2SeqBackbone(Backbone):
@@ -74,16 +74,19 @@ class Seq2SeqBackbone(Backbone):
     def eos_ids(self) -> list[int]:
         return [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
 
-    def generate(self, rows: list[list[int]], prefix: PrefixCache, max_new_tokens: int,
-                 stop_ids: set[int]) -> list[list[int]]:
-        return [self._generate_one(ids, prefix, max_new_tokens, stop_ids) for ids in rows]
+    def generate(self, rows: list[list[int]], prefix: PrefixCache, max_new_tokens: int | list[int],
+                 stop_ids: set[int], prompt_index: list[int] | None = None) -> list[list[int]]:
+        budgets, prompt_index = generation_rows(len(rows), max_new_tokens, prompt_index)
+        return [self._generate_one(ids, prefix, budget, stop_ids, index)
+                for ids, budget, index in zip(rows, budgets, prompt_index)]
 
     @torch.no_grad()
-    def _generate_one(self, ids: list[int], prefix: PrefixCache, max_new_tokens: int, stop_ids: set[int]) -> list[int]:
-        """Greedy decoding of one input with the prompt in front of the encoder input."""
+    def _generate_one(self, ids: list[int], prefix: PrefixCache, max_new_tokens: int, stop_ids: set[int],
+                      prompt: int = 0) -> list[int]:
+        """Greedy decoding of one input with prompt number `prompt` of `prefix` in front of the encoder input."""
         embeds = self.embed(torch.tensor([ids + self.eos_ids], device=self.device))
-        if prefix.embeddings is not None and prefix.embeddings[0].shape[0]:
-            embeds = torch.cat([prefix.embeddings[0][None].to(embeds.dtype), embeds], dim=1)
+        if prefix.embeddings is not None and prefix.embeddings[prompt].shape[0]:
+            embeds = torch.cat([prefix.embeddings[prompt][None].to(embeds.dtype), embeds], dim=1)
         with self.autocast():
             encoded = self.encoder(inputs_embeds=embeds)
         generated: list[int] = []
