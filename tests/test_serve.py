@@ -135,6 +135,39 @@ def test_concurrent_requests_are_batched_and_match_single_answers(client, served
     assert model_seconds > 0 and f"softprompt_batch_seconds_count {batches}" in metrics
 
 
+def test_concurrent_generate_requests_share_batches_across_prompts(client, served, llama_backbone):
+    """Generation requests for two prompts (3 and 6 slots) with their own max_new_tokens decode in shared batches,
+    each answer the one its request gets alone and the one `evaluate.generate` gives."""
+    from softprompt.evaluate import generate
+
+    bank, _, directory = served
+    task = TaskSpec(name="qa", template="Question: {question}\nAnswer:", labels=None, label_field="answer")
+    prompts = {name: SoftPrompt(torch.randn(length, llama_backbone.d_model) * 4, llama_backbone.name,
+                                llama_backbone.fingerprint, task) for name, length in [("qa", 3), ("qa6", 6)]}
+    for name, prompt in prompts.items():
+        prompt.save(directory / f"{name}.safetensors")
+    assert client.post("/v1/prompts/reload").json()["added"] == ["qa", "qa6"]
+    questions = ["what is two plus two?", "who wrote it", "why", "is the sky blue on a dull day"]
+    bodies = [{"prompt": ["qa", "qa6"][i % 2], "inputs": [questions[i % 4]], "max_new_tokens": 3 + i % 3}
+              for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda body: client.post("/v1/generate", json=body), bodies))
+    assert all(a.status_code == 200 for a in answers)
+    texts = [a.json()["results"][0]["text"] for a in answers]
+    assert len(set(texts)) > 1
+    for body, text in zip(bodies, texts):
+        fields = {"question": body["inputs"][0]}
+        assert text == bank.generate(body["prompt"], [fields], body["max_new_tokens"])[0]
+        encoder = bank.entry(body["prompt"]).encoder
+        items = encoder.encode_all([Example(fields, None, None, "r")])
+        assert text == generate(llama_backbone, encoder, items, prompts[body["prompt"]], body["max_new_tokens"])[0]
+    metrics = client.get("/metrics").text
+    batches = int(next(line.split()[-1] for line in metrics.splitlines()
+                       if line.startswith("softprompt_generate_batches_total")))
+    assert 0 < batches < 8  # requests shared decoding batches
+    assert "softprompt_batches_total 0" in metrics  # the classify batcher saw none of them
+
+
 def test_list_prompts_shows_served_and_rejected(client):
     body = client.get("/v1/prompts").json()
     assert [p["name"] for p in body["prompts"]] == ["nli", "sentiment", "topic"]

@@ -132,16 +132,7 @@ class PromptBank:
         """A batch mixing any prompts: (prompt name, row fields) -> label + probabilities. One forward pass, or
         a few of similar-length rows (`max_padding`)."""
         snapshot = self.snapshot  # one consistent view even if a reload lands meanwhile
-        entries = []
-        for name, fields in requests:
-            entry = self.entry(name, snapshot)
-            if not entry.prompt.task.is_classification:
-                raise SoftPromptError(f"prompt {name!r} generates text: use generate (POST /v1/generate)")
-            missing = entry.prompt.task.missing_field(fields)
-            if missing:
-                raise SoftPromptError(f"prompt {name!r} needs field {missing!r} (template fields: "
-                                      f"{', '.join(entry.prompt.task.fields)})")
-            entries.append(entry)
+        entries = self._checked_entries(snapshot, requests, classify=True)
         items = [(e.encoder.label_ids, e.encoder.encode(Example(fields, None, None, "request")))
                  for e, (_, fields) in zip(entries, requests)]
         scored = {}
@@ -149,14 +140,19 @@ class PromptBank:
             scored.update(zip(part, self._score(snapshot, [entries[i] for i in part], [items[i] for i in part])))
         return [scored[index] for index in range(len(items))]
 
+    @staticmethod
+    def _batch_slots(snapshot: Snapshot, entries: list[Entry]) -> PrefixCache:
+        """The bank's cache cut to the slots this batch's prompts fill, not the bank's longest prompt."""
+        if not snapshot.cache.layers:
+            return snapshot.cache
+        width = max(e.width for e in entries)
+        return snapshot.cache.last_slots(width, padded=any(e.width < width for e in entries))
+
     def _score(self, snapshot: Snapshot, entries: list[Entry], items: list) -> list[Prediction]:
         """One forward pass over (label ids, encoded input) items, each with its entry's prompt."""
         batch, groups, owners = scoring_batch(items, self.backbone.pad_id)
         prompt_index = torch.tensor([e.index for e in entries], device=self.backbone.device)[owners]
-        cache = snapshot.cache
-        if cache.layers:  # attend over the slots this batch's prompts fill, not the bank's longest prompt
-            width = max(e.width for e in entries)
-            cache = cache.last_slots(width, padded=any(e.width < width for e in entries))
+        cache = self._batch_slots(snapshot, entries)
         logprobs = self.backbone.target_logprobs(batch, prompt_index=prompt_index, prompt_kv=cache).cpu()
         flat = torch.zeros(int(groups.max()) + 1).index_add_(0, groups, logprobs)
         predictions, offset = [], 0
@@ -168,12 +164,33 @@ class PromptBank:
                                           {label: float(p) for label, p in zip(labels, probabilities)}))
         return predictions
 
-    @torch.inference_mode()
     def generate(self, name: str, rows: list[dict[str, str]], max_new_tokens: int = 64) -> list[str]:
         """Greedy one-line answers from a generation prompt, the inputs decoded together."""
-        entry = self.entry(name)
-        if entry.prompt.task.is_classification:
-            raise SoftPromptError(f"prompt {name!r} is a classifier: use classify (POST /v1/classify)")
-        items = [entry.encoder.encode(Example(fields, None, None, "request")) for fields in rows]
-        return generate_texts(self.backbone, entry.encoder, items, entry.prompt.prefix_cache(self.backbone),
-                              max_new_tokens)
+        return self.generate_mixed([(name, fields, max_new_tokens) for fields in rows])
+
+    @torch.inference_mode()
+    def generate_mixed(self, requests: list[tuple[str, dict[str, str], int]]) -> list[str]:
+        """A batch mixing any generation prompts: (prompt name, row fields, max new tokens) -> one-line answer;
+        the rows decode together, each after its own prompt (`Backbone.generate`)."""
+        snapshot = self.snapshot  # one consistent view even if a reload lands meanwhile
+        entries = self._checked_entries(snapshot, [(name, fields) for name, fields, _ in requests], classify=False)
+        items = [e.encoder.encode(Example(fields, None, None, "request"))
+                 for e, (_, fields, _) in zip(entries, requests)]
+        return generate_texts(self.backbone, entries[0].encoder, items, self._batch_slots(snapshot, entries),
+                              [budget for _, _, budget in requests], prompt_index=[e.index for e in entries])
+
+    def _checked_entries(self, snapshot: Snapshot, requests: list[tuple[str, dict[str, str]]],
+                         classify: bool) -> list[Entry]:
+        """Each request's entry, refusing a prompt of the other kind or fields its template lacks."""
+        entries = []
+        for name, fields in requests:
+            entry = self.entry(name, snapshot)
+            if entry.prompt.task.is_classification != classify:
+                raise SoftPromptError(f"prompt {name!r} generates text: use generate (POST /v1/generate)" if classify
+                                      else f"prompt {name!r} is a classifier: use classify (POST /v1/classify)")
+            missing = entry.prompt.task.missing_field(fields)
+            if missing:
+                raise SoftPromptError(f"prompt {name!r} needs field {missing!r} (template fields: "
+                                      f"{', '.join(entry.prompt.task.fields)})")
+            entries.append(entry)
+        return entries

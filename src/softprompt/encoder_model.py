@@ -90,6 +90,6 @@ class EncoderBackbone(Backbone):
         picked = torch.stack([row_logprobs[int(r)][int(t)] for r, t in zip(batch.target_rows, batch.target_ids)])
         return picked
 
-    def generate(self, rows: list[list[int]], prefix: PrefixCache, max_new_tokens: int,
-                 stop_ids: set[int]) -> list[list[int]]:
+    def generate(self, rows: list[list[int]], prefix: PrefixCache, max_new_tokens: int | list[int],
+                 stop_ids: set[int], prompt_index: list[int] | None = None) -> list[list[int]]:
         raise SoftPromptError("an encoder-only model cannot generate text; use a causal or encoder-decoder model")

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .backbone import Backbone, PrefixCache
+from .backbone import Backbone, PrefixCache, generation_rows
 from .data import Encoded, Encoder, Example, scoring_batch
 from .prompt import SoftPrompt
 from .tasks import TaskSpec
@@ -142,12 +142,16 @@ def prefix_of(backbone: Backbone, prompt: SoftPrompt | None, task: TaskSpec | No
 
 
 def generate_texts(backbone: Backbone, encoder: Encoder, items: list[Encoded], prefix: PrefixCache,
-                   max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    """Greedy one-line answers, decoded in batches of similar input length."""
+                   max_new_tokens: int | list[int], batch_size: int = 16,
+                   prompt_index: list[int] | None = None) -> list[str]:
+    """Greedy one-line answers, decoded in batches of similar input length. `max_new_tokens`: one budget for all
+    items or one each; `prompt_index`: each item's prompt in `prefix` (default the first)."""
     stop = set(encoder.eos_ids) | set(backbone.tokenizer.all_special_ids) | backbone.newline_ids
+    budgets, prompt_index = generation_rows(len(items), max_new_tokens, prompt_index)
     texts = [""] * len(items)
     for indices in length_sorted_batches(items, batch_size):
-        generated = backbone.generate([items[i].input_ids for i in indices], prefix, max_new_tokens, stop)
+        generated = backbone.generate([items[i].input_ids for i in indices], prefix, [budgets[i] for i in indices],
+                                      stop, [prompt_index[i] for i in indices])
         for index, ids in zip(indices, generated):
             texts[index] = backbone.tokenizer.decode(ids).split("\n")[0]
     return texts

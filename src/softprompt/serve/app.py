@@ -1,8 +1,9 @@
-"""The FastAPI app: classify / ensemble over a PromptBank, hot reload, health and metrics."""
+"""The FastAPI app: classify / generate / ensemble over a PromptBank, hot reload, health and metrics."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -69,13 +70,18 @@ def create_app(bank: PromptBank, api_key: str | None = None, max_batch: int = 32
         raise SoftPromptError(f"unknown batching {batching!r}; choose mixed or per-prompt")
     metrics = Metrics()
     group_key = (lambda job: job.items[0][0]) if batching == "per-prompt" else None
-    batcher = Batcher(bank.classify, max_batch=max_batch, max_wait_ms=max_wait_ms, on_batch=metrics.batch,
-                      group_key=group_key)
+    classifier = Batcher(bank.classify, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                         on_batch=functools.partial(metrics.batch, "classify"), group_key=group_key)
+    # generation has its own queue and worker: a batch decodes for up to max_new_tokens steps, which classify
+    # requests should not wait behind
+    generator = Batcher(bank.generate_mixed, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                        on_batch=functools.partial(metrics.batch, "generate"), group_key=group_key)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        batcher.close()
+        classifier.close()
+        generator.close()
 
     app = FastAPI(title="softprompt", lifespan=lifespan)
     app.add_middleware(RequestMetrics, metrics=metrics)
@@ -116,7 +122,7 @@ def create_app(bank: PromptBank, api_key: str | None = None, max_batch: int = 32
         if count > max_batch:
             raise HTTPException(413, f"{count} inputs in one request; the limit is {max_batch} (--max-batch)")
 
-    async def run(items: list[tuple[str, dict[str, str]]]):
+    async def run(batcher: Batcher, items: list[tuple]) -> list:
         try:
             return await batcher.submit(items)
         except SoftPromptError as error:
@@ -151,7 +157,7 @@ def create_app(bank: PromptBank, api_key: str | None = None, max_batch: int = 32
         fields = rows(request.prompt, request.inputs)
         if not bank.entry(request.prompt).prompt.task.is_classification:
             raise HTTPException(422, f"prompt {request.prompt!r} generates text: use POST /v1/generate")
-        predictions = await run([(request.prompt, row) for row in fields])
+        predictions = await run(classifier, [(request.prompt, row) for row in fields])
         return {"prompt": request.prompt,
                 "results": [{"label": p.label, "scores": p.scores} for p in predictions]}
 
@@ -159,10 +165,9 @@ def create_app(bank: PromptBank, api_key: str | None = None, max_batch: int = 32
     async def generate(request: GenerateRequest) -> dict:
         check_batch(len(request.inputs))
         fields = rows(request.prompt, request.inputs)
-        try:  # a decoding loop per request (its inputs batched together), beside the batcher, not in it
-            texts = await asyncio.to_thread(bank.generate, request.prompt, fields, request.max_new_tokens)
-        except SoftPromptError as error:
-            raise HTTPException(422, str(error)) from None
+        if bank.entry(request.prompt).prompt.task.is_classification:
+            raise HTTPException(422, f"prompt {request.prompt!r} is a classifier: use POST /v1/classify")
+        texts = await run(generator, [(request.prompt, row, request.max_new_tokens) for row in fields])
         return {"prompt": request.prompt, "results": [{"text": text} for text in texts]}
 
     @app.post("/v1/ensemble", dependencies=[Depends(authorize)])
@@ -173,7 +178,7 @@ def create_app(bank: PromptBank, api_key: str | None = None, max_batch: int = 32
         if len(labels) > 1:
             raise HTTPException(422, f"ensembled prompts must share labels; got {sorted(labels)}")
         items = [(name, per_prompt[name][i]) for i in range(len(request.inputs)) for name in request.prompts]
-        predictions = await run(items)
+        predictions = await run(classifier, items)
         width = len(request.prompts)
         results = []
         for i in range(len(request.inputs)):
