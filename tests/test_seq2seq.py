@@ -102,3 +102,20 @@ def test_deep_prompts_and_prompt_banks_are_refused():
 def test_compile_refuses_an_encoder_decoder_and_names_the_families_it_supports():
     with pytest.raises(SoftPromptError, match="--compile supports .*llama.*'t5' model"):
         make_t5().compile()
+
+
+def test_generation_puts_each_rows_own_prompt_before_its_input():
+    from softprompt.backbone import PrefixCache
+
+    backbone = make_t5(seed=2)  # a tiny random T5 whose answers depend on the prompt
+    task = TaskSpec(name="gen", template="Question: {text}\nAnswer:", labels=None, label_field="answer")
+    torch.manual_seed(2)
+    caches = [prefix_of(backbone, SoftPrompt(torch.randn(k, backbone.d_model) * 4, backbone.name,
+                                             backbone.fingerprint, task)) for k in (2, 4)]
+    rows = [item.input_ids for item in Encoder(backbone, task).encode_all(
+        [Example({"text": text}, None, None, "q") for text in ["two plus two", "a dull movie", "wit"]])]
+    prompt_index, budgets = [1, 0, 1], [5, 3, 4]
+    alone = [backbone.generate([row], caches[index], budget, set())[0]
+             for row, index, budget in zip(rows, prompt_index, budgets)]
+    assert alone[0] != backbone.generate([rows[0]], caches[0], 5, set())[0]  # the prompt changes the answer
+    assert backbone.generate(rows, PrefixCache.stack(caches), budgets, set(), prompt_index) == alone
