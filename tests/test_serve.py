@@ -272,3 +272,5 @@ def test_generate_endpoint(client, served, llama_backbone):
     assert wrong.status_code == 422 and "/v1/generate" in wrong.json()["detail"]
     wrong = client.post("/v1/generate", json={"prompt": "sentiment", "inputs": ["x"]})
     assert wrong.status_code == 422 and "classifier" in wrong.json()["detail"]
+    wrong = client.post("/v1/ensemble", json={"prompts": ["sentiment", "qa"], "inputs": ["x"]})
+    assert wrong.status_code == 422 and "'qa' generates text: use POST /v1/generate" in wrong.json()["detail"]

@@ -94,13 +94,17 @@ def create_app(bank: PromptBank, api_key: str | None = None, max_batch: int = 32
         if given is None or not secrets.compare_digest(given, api_key):
             raise HTTPException(401, "missing or wrong API key (send 'Authorization: Bearer KEY' or 'X-API-Key')")
 
-    def rows(prompt_name: str, inputs: list[Input]) -> list[dict[str, str]]:
-        """Validate inputs against the prompt's template before they join a batch."""
+    def rows(prompt_name: str, inputs: list[Input], classify: bool) -> list[dict[str, str]]:
+        """Validate the prompt's kind and the inputs against its template before they join a batch (a batch fails
+        as a whole)."""
         try:
             entry = bank.entry(prompt_name)
         except UnknownPrompt as error:
             raise HTTPException(404, str(error)) from None
         task = entry.prompt.task
+        if task.is_classification != classify:
+            raise HTTPException(422, f"prompt {prompt_name!r} generates text: use POST /v1/generate" if classify
+                                else f"prompt {prompt_name!r} is a classifier: use POST /v1/classify")
         fields = task.fields
         result = []
         for number, value in enumerate(inputs):
@@ -154,9 +158,7 @@ def create_app(bank: PromptBank, api_key: str | None = None, max_batch: int = 32
     @app.post("/v1/classify", dependencies=[Depends(authorize)])
     async def classify(request: ClassifyRequest) -> dict:
         check_batch(len(request.inputs))
-        fields = rows(request.prompt, request.inputs)
-        if not bank.entry(request.prompt).prompt.task.is_classification:
-            raise HTTPException(422, f"prompt {request.prompt!r} generates text: use POST /v1/generate")
+        fields = rows(request.prompt, request.inputs, classify=True)
         predictions = await run(classifier, [(request.prompt, row) for row in fields])
         return {"prompt": request.prompt,
                 "results": [{"label": p.label, "scores": p.scores} for p in predictions]}
@@ -164,16 +166,14 @@ def create_app(bank: PromptBank, api_key: str | None = None, max_batch: int = 32
     @app.post("/v1/generate", dependencies=[Depends(authorize)])
     async def generate(request: GenerateRequest) -> dict:
         check_batch(len(request.inputs))
-        fields = rows(request.prompt, request.inputs)
-        if bank.entry(request.prompt).prompt.task.is_classification:
-            raise HTTPException(422, f"prompt {request.prompt!r} is a classifier: use POST /v1/classify")
+        fields = rows(request.prompt, request.inputs, classify=False)
         texts = await run(generator, [(request.prompt, row, request.max_new_tokens) for row in fields])
         return {"prompt": request.prompt, "results": [{"text": text} for text in texts]}
 
     @app.post("/v1/ensemble", dependencies=[Depends(authorize)])
     async def ensemble_endpoint(request: EnsembleRequest) -> dict:
         check_batch(len(request.inputs) * len(request.prompts))
-        per_prompt = {name: rows(name, request.inputs) for name in request.prompts}
+        per_prompt = {name: rows(name, request.inputs, classify=True) for name in request.prompts}
         labels = {tuple(bank.entry(name).prompt.task.labels) for name in request.prompts}
         if len(labels) > 1:
             raise HTTPException(422, f"ensembled prompts must share labels; got {sorted(labels)}")
