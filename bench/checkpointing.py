@@ -1,12 +1,14 @@
 """Activation checkpointing: memory and time of a training step, with and without it, on long inputs.
 
-    python bench/checkpointing.py [--steps 3] [--batch 8] [--tokens 256]
+    python bench/checkpointing.py [--steps 3] [--batch 8] [--tokens 256] [--prompt-length 20]
 
 Real smollm2-135m, real 20newsgroups posts cut to `--tokens` tokens (long inputs are where activations dominate).
-Three ways to run the same step: the default cached-prompt path, the concat reference path, and the concat path with
-`--activation-checkpointing` (checkpointed layers drop past_key_values, so it cannot use the cached path). Each runs
-in its own process; memory = peak RSS above the loaded model and data over all steps (sampled every 2 ms), time =
-mean ms/step after one warm-up step. Ends with one JSON line per mode and the ratios against the cached path.
+Four ways to run the same step: the default path (prompt and tokens packed in one pass, the prompt's keys/values
+handed to attention as plain tensors), the concat reference path, and each of them with `--activation-checkpointing`
+(what `softprompt train` runs: the packed pass where the model family allows it, concat elsewhere, since
+checkpointed layers drop a cache object). Each runs in its own process; memory = peak RSS above the loaded model
+and data over all steps (sampled every 2 ms), time = mean ms/step after one warm-up step. Ends with one JSON line
+per mode and the ratios against the cached path.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import time
 from peak_rss import PeakRSS
 
 MODES = {"cached": dict(path="cached"), "concat": dict(path="concat"),
+         "cached+checkpointing": dict(path="cached", activation_checkpointing=True),
          "concat+checkpointing": dict(path="concat", activation_checkpointing=True)}
 
 
-def measure(mode: str, steps: int, batch: int, tokens: int) -> dict:
+def measure(mode: str, steps: int, batch: int, tokens: int, prompt_length: int) -> dict:
     import torch
 
     from softprompt import load_dataset, load_model
@@ -36,7 +39,7 @@ def measure(mode: str, steps: int, batch: int, tokens: int) -> dict:
     data = load_dataset("20newsgroups")
     encoder = Encoder(backbone, data.task, tokens)
     items = encoder.encode_all(data.train[:batch])
-    prompt = torch.nn.Parameter(initialize("class-label", backbone, 20, data.task, 0))
+    prompt = torch.nn.Parameter(initialize("class-label", backbone, prompt_length, data.task, 0))
     options = MODES[mode]
 
     def step() -> None:
@@ -51,8 +54,8 @@ def measure(mode: str, steps: int, batch: int, tokens: int) -> dict:
         for _ in range(steps):
             step()
         elapsed = time.perf_counter() - started
-    return {"mode": mode, "ms_per_step": round(1000 * elapsed / steps, 1), "peak_mib": round(peak.mib),
-            "tokens": sum(len(i.input_ids) for i in items)}
+    return {"mode": mode, "prompt_length": prompt_length, "ms_per_step": round(1000 * elapsed / steps, 1),
+            "peak_mib": round(peak.mib), "tokens": sum(len(i.input_ids) for i in items)}
 
 
 def main() -> None:
@@ -60,15 +63,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--prompt-length", type=int, default=20)
     parser.add_argument("--mode", choices=list(MODES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
-        print(json.dumps(measure(args.mode, args.steps, args.batch, args.tokens)))
+        print(json.dumps(measure(args.mode, args.steps, args.batch, args.tokens, args.prompt_length)))
         return
     results = {}
     for mode in MODES:
         command = [sys.executable, __file__, "--mode", mode, "--steps", str(args.steps), "--batch",
-                   str(args.batch), "--tokens", str(args.tokens)]
+                   str(args.batch), "--tokens", str(args.tokens), "--prompt-length", str(args.prompt_length)]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         results[mode] = json.loads(output.strip().splitlines()[-1])
         print(f"{mode:>22}: {results[mode]['ms_per_step']:8.1f} ms/step  peak +{results[mode]['peak_mib']} MiB",

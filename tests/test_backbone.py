@@ -361,6 +361,93 @@ def test_compiled_layers_give_the_same_scores_and_gradients():
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def checkpointed_step(backbone, batch, trainable, checkpointing, inputs):
+    """Scores and the gradient of `trainable` (prompts, or deep prompts: `inputs()` builds target_logprobs'
+    arguments), with or without activation checkpointing, and whether layer 0's attention ran again in the
+    backward pass (its activations recomputed)."""
+    import contextlib
+
+    calls = []
+    handle = backbone.model.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with backbone.activation_checkpointing() if checkpointing else contextlib.nullcontext():
+            logprobs = backbone.target_logprobs(batch, **inputs())
+            forward_calls = len(calls)
+            (grad,) = torch.autograd.grad(-logprobs.sum(), trainable)
+    finally:
+        handle.remove()
+    return logprobs.detach(), grad, len(calls) > forward_calls
+
+
+def assert_same_step(checkpointed, reference):
+    torch.testing.assert_close(checkpointed[0], reference[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(checkpointed[1], reference[1], atol=1e-6, rtol=1e-5)
+
+
+SHORT_TEXTS = [TEXTS[0], TEXTS[2], TEXTS[3]]  # with BOS and 3 prompt slots, within tiny Gemma3's 16-token window
+
+
+def test_activation_checkpointing_recomputes_the_packed_pass_with_the_same_numbers(tiny_backbone, monkeypatch):
+    """Checkpointed layers keep the packed training pass (prompt and tokens in one pass, prompt keys/values as
+    plain tensors): same scores and prompt gradient, every layer's packed attention run again in the backward."""
+    from softprompt import prefix_attention
+
+    packed_calls = []
+    packed_attention = prefix_attention.packed_attention
+    monkeypatch.setattr(prefix_attention, "packed_attention",
+                        lambda *args, **kwargs: packed_calls.append(1) or packed_attention(*args, **kwargs))
+    batch = training_batch(tiny_backbone, SHORT_TEXTS)
+    prompts = (torch.randn(1, 3, tiny_backbone.d_model) * 0.5).requires_grad_()
+    results, packed = {}, {}
+    for checkpointing in (False, True):
+        packed_calls.clear()
+        results[checkpointing] = checkpointed_step(tiny_backbone, batch, prompts, checkpointing,
+                                                   lambda: dict(prompts=prompts))
+        packed[checkpointing] = len(packed_calls)
+    assert_same_step(results[True], results[False])
+    assert (results[False][2], results[True][2]) == (False, True)
+    layers = tiny_backbone.model.config.num_hidden_layers
+    assert (packed[False], packed[True]) == (layers, 2 * layers)
+    assert not any(layer.training for layer in tiny_backbone.model.model.layers)  # switched back off
+
+
+def test_activation_checkpointing_where_a_prompt_needs_a_cache_object():
+    """Checkpointed layers drop a transformers cache object. Prompts then take the concat path (still
+    checkpointed); deep prompts, which only a cache object can carry there, run that pass without checkpointing.
+    Either way the numbers are those of the run without checkpointing. Cases: a family without plain-tensor
+    prefixes, and tiny Gemma3 (with BOS) with inputs past its sliding window."""
+    from conftest import make_backbone
+
+    from softprompt.prompt import prefix_cache, prefix_from_embeddings
+
+    no_plain_prefix = make_backbone("llama")
+    no_plain_prefix.prefix_attention = False
+    for backbone in (no_plain_prefix, make_backbone("gemma3")):
+        batch = training_batch(backbone)  # the long text runs past Gemma3's window
+        prompts = (torch.randn(1, 3, backbone.d_model) * 0.5).requires_grad_()
+        deep = prefix_from_embeddings(backbone, prompts[0].detach()).requires_grad_()
+        cases = ((prompts, lambda prompts=prompts: dict(prompts=prompts), True),
+                 (deep, lambda backbone=backbone, deep=deep: dict(prompt_kv=prefix_cache(backbone, deep, "prefix")),
+                  False))
+        for trainable, inputs, recomputed in cases:
+            reference = checkpointed_step(backbone, batch, trainable, False, inputs)
+            checkpointed = checkpointed_step(backbone, batch, trainable, True, inputs)
+            assert_same_step(checkpointed, reference)
+            assert checkpointed[2] == recomputed, (backbone.name, recomputed)
+
+
+def test_deep_prompts_are_checkpointed_where_they_reach_attention_as_plain_tensors(llama_backbone):
+    from softprompt.prompt import prefix_cache, prefix_from_embeddings
+
+    batch = training_batch(llama_backbone)
+    deep = prefix_from_embeddings(llama_backbone, torch.randn(3, llama_backbone.d_model) * 0.5).requires_grad_()
+    results = [checkpointed_step(llama_backbone, batch, deep, checkpointing,
+                                 lambda: dict(prompt_kv=prefix_cache(llama_backbone, deep, "prefix")))
+               for checkpointing in (False, True)]
+    assert_same_step(results[1], results[0])
+    assert (results[0][2], results[1][2]) == (False, True)
+
+
 def test_precision_choices_and_the_auto_default():
     from softprompt.backbone import cpu_has_bf16, resolve_precision
     from softprompt.errors import SoftPromptError

@@ -199,21 +199,42 @@ def test_generation_task_trains_on_the_target_text(tmp_path, llama_backbone):
     assert 0.0 <= result.best_metric <= 1.0 and result.steps_run == 4
 
 
-def test_activation_checkpointing_recomputes_layers_and_trains_the_same_prompt(tmp_path, llama_backbone):
+@pytest.mark.parametrize("path", ["cached", "concat"])
+def test_activation_checkpointing_recomputes_layers_and_trains_the_same_prompt(tmp_path, llama_backbone, path,
+                                                                              monkeypatch):
+    """The default path stays packed under checkpointing (prompt and tokens in one pass); concat is the reference."""
+    from softprompt import prefix_attention
+
+    packed_calls = []
+    packed_attention = prefix_attention.packed_attention
+    monkeypatch.setattr(prefix_attention, "packed_attention",
+                        lambda *args, **kwargs: packed_calls.append(1) or packed_attention(*args, **kwargs))
     attention = llama_backbone.model.model.layers[0].self_attn
     calls = []
     handle = attention.register_forward_hook(lambda *_: calls.append(1))
     runs = {}
     for checkpointing in (False, True):
         calls.clear()
-        cfg = config(steps=3, eval_every=3, path="concat", activation_checkpointing=checkpointing)
+        packed_calls.clear()
+        cfg = config(steps=3, eval_every=3, path=path, activation_checkpointing=checkpointing)
         runs[checkpointing] = train(llama_backbone, TASK, examples(16), examples(4, 50),
                                     tmp_path / f"{checkpointing}.safetensors", cfg, show_progress=False)
-        runs[checkpointing, "calls"] = len(calls)
+        runs[checkpointing, "calls"], runs[checkpointing, "packed"] = len(calls), len(packed_calls)
     handle.remove()
     torch.testing.assert_close(runs[True].prompt.embeddings, runs[False].prompt.embeddings, atol=1e-6, rtol=0)
     assert runs[True, "calls"] == runs[False, "calls"] + 3  # each training step ran layer 0's attention twice
+    layers = llama_backbone.model.config.num_hidden_layers
+    assert runs[False, "packed"] == (3 * layers if path == "cached" else 0)
+    assert runs[True, "packed"] == 2 * runs[False, "packed"]
     assert not llama_backbone.model.model.layers[0].training  # switched back off after training
+
+
+def test_checkpointed_deep_prompts_need_plain_tensor_prefixes(tmp_path, llama_backbone):
+    llama_backbone.prefix_attention = False  # as for a family whose attention only takes a cache object
+    with pytest.raises(SoftPromptError, match="--activation-checkpointing with --method prefix supports .*llama.*"
+                                              "'llama' model"):
+        train(llama_backbone, TASK, examples(8), examples(4, 50), tmp_path / "p.safetensors",
+              config(method="prefix", activation_checkpointing=True), show_progress=False)
 
 
 def test_a_non_finite_loss_names_the_step_and_in_fp16_the_precision():

@@ -164,6 +164,7 @@ class Backbone:
         # Prompt keys/values as plain tensors in attention (compilable, no cache object) where the family allows.
         self.prefix_attention = prefix_attention.supports(model)
         self.compiled = False  # see compile()
+        self.checkpointed_layers: list[torch.nn.Module] = []  # while activation_checkpointing() is on
         # Batches with prompt keys/values run their real tokens only, as one row (`RaggedRows`), on a CPU, where
         # padding costs what a real token costs. GPUs keep padded batches: a batch's cost there is mostly kernel
         # launches, and dropping padding adds a few per layer (bench/padding.py, H100: 0.69-0.83x as fast).
@@ -180,10 +181,7 @@ class Backbone:
         if mode not in COMPILE_MODES:
             raise SoftPromptError(f"unknown compile mode {mode!r}; choose one of "
                                   f"{', '.join(name for name in COMPILE_MODES if name)}")
-        if self.is_seq2seq or self.is_encoder_only or not self.prefix_attention:
-            raise SoftPromptError(f"--compile supports the causal LMs whose attention takes the prompt as plain "
-                                  f"tensors ({', '.join(sorted(prefix_attention.MODEL_TYPES))}); {self.name!r} "
-                                  f"is a {self.model.config.model_type!r} model")
+        self.require_plain_prefix("--compile")
         if self.compiled:
             return
         from transformers.modeling_layers import GradientCheckpointingLayer
@@ -195,6 +193,13 @@ class Backbone:
             if isinstance(layer, GradientCheckpointingLayer):
                 layer.compile(dynamic=True, mode=mode)
         self.compiled = True
+
+    def require_plain_prefix(self, feature: str) -> None:
+        """`feature` needs the prompt's keys/values to reach attention as plain tensors (prefix_attention.py)."""
+        if self.is_seq2seq or self.is_encoder_only or not self.prefix_attention:
+            raise SoftPromptError(f"{feature} supports the causal LMs whose attention takes the prompt as plain "
+                                  f"tensors ({', '.join(sorted(prefix_attention.MODEL_TYPES))}); {self.name!r} "
+                                  f"is a {self.model.config.model_type!r} model")
 
     def _run_body(self, **inputs) -> BaseModelOutputWithPast:
         """The decoder stack under autocast. Compiled layers serve the packed pass only: the other passes index
@@ -216,23 +221,36 @@ class Backbone:
     @contextlib.contextmanager
     def activation_checkpointing(self):
         """Recompute each decoder layer's activations in the backward pass instead of storing them (transformers'
-        checkpointing, non-reentrant). Only the layers are put in training mode, since checkpointing is active
-        only there, so dropout modules stay off. Checkpointed layers drop `past_key_values`, so callers must use
-        the concat path."""
+        checkpointing, non-reentrant). Checkpointed layers drop a cache object (`past_key_values`): prompts and
+        deep prompts reach them as plain tensors (prefix_attention.py), or `target_logprobs` takes the concat
+        path."""
         from transformers.modeling_layers import GradientCheckpointingLayer
 
         layers = [m for m in self.model.modules() if isinstance(m, GradientCheckpointingLayer)]
         if not layers:
             raise SoftPromptError(f"{self.name!r} does not support activation checkpointing")
         self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.checkpointed_layers = layers
+        try:
+            with self._layers_training(True):
+                yield
+        finally:
+            self.checkpointed_layers = []
+            self.model.activation_checkpointing_disable()
+
+    @contextlib.contextmanager
+    def _layers_training(self, on: bool):
+        """Checkpointing is active in layers in training mode; only the layers themselves, not their children
+        (dropout stays in eval mode)."""
+        layers = self.checkpointed_layers
+        before = [layer.training for layer in layers]
         for layer in layers:
-            layer.training = True  # this module only, not its children (dropout stays in eval mode)
+            layer.training = on
         try:
             yield
         finally:
-            for layer in layers:
-                layer.training = False
-            self.model.activation_checkpointing_disable()
+            for layer, mode in zip(layers, before):
+                layer.training = mode
 
     def _leading_special_ids(self) -> list[int]:
         """The BOS the tokenizer would add (Gemma, Llama-2 style); the prompt goes after it."""
@@ -293,7 +311,8 @@ class Backbone:
         if length == 0:
             return PrefixCache([], mask, lengths)
         positions = torch.arange(length, device=self.device).unsqueeze(0).expand(count, -1)
-        output = self._run_body(inputs_embeds=prefix, position_ids=positions, use_cache=True)
+        with self._layers_training(False):  # a checkpointed layer would return no cache; the prompt's pass is small
+            output = self._run_body(inputs_embeds=prefix, position_ids=positions, use_cache=True)
         return PrefixCache([(layer.keys, layer.values) for layer in output.past_key_values.layers], mask, lengths)
 
     @cached_property
@@ -341,8 +360,10 @@ class Backbone:
         if prompt_index is None:
             prompt_index = torch.zeros(rows, dtype=torch.long, device=self.device)
         prompt_index = prompt_index.to(self.device)
-        packable = (path == "cached" and prompt_kv is None and prompts is not None and self.prefix_attention
-                    and prefix_attention.fits(self.model, len(self.bos_ids) + prompts.shape[1] + length))
+        packable = (path == "cached" and prompt_kv is None and prompts is not None
+                    and self._takes_plain_prefix(len(self.bos_ids) + prompts.shape[1] + length))
+        if self.checkpointed_layers and path == "cached" and not packable and prompt_kv is None and prompts is not None:
+            path = "concat"  # the other cached route needs a cache object, which checkpointed layers drop
         if packable:  # training: the prompt's keys/values change every step, so they come from the same pass
             hidden = self._packed_hidden(prompts, input_ids, prompt_index)
         elif path == "cached":
@@ -365,6 +386,10 @@ class Backbone:
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits.log_softmax(-1).gather(1, batch.target_ids.to(self.device).unsqueeze(1)).squeeze(1)
+
+    def _takes_plain_prefix(self, total_length: int) -> bool:
+        """Prompt keys/values can reach attention as plain tensors (no cache object) for this many positions."""
+        return self.prefix_attention and prefix_attention.fits(self.model, total_length)
 
     def _packed_hidden(self, prompts: Tensor, input_ids: Tensor, prompt_index: Tensor) -> Tensor:
         """[B, T, d] hidden states of the right-padded tokens, with the prompts run in the same pass
@@ -390,12 +415,14 @@ class Backbone:
         rows, length = input_ids.shape
         positions = prefix.lengths[prompt_index].unsqueeze(1) + torch.arange(length, device=self.device)
         layers = [(gather_rows(k, prompt_index), gather_rows(v, prompt_index)) for k, v in prefix.layers]
-        if not (layers and self.prefix_attention and prefix_attention.fits(self.model, prefix.width + length)):
+        if not (layers and self._takes_plain_prefix(prefix.width + length)):
             # a transformers cache object: any architecture, any sliding window
             cache = DynamicCache(ddp_cache_data=layers, config=self.model.config) if layers else None
-            return self._run_body(inputs_embeds=self.embed(input_ids), position_ids=positions,
-                                  attention_mask=torch.cat([gather_rows(prefix.mask, prompt_index), mask], dim=1),
-                                  past_key_values=cache, use_cache=cache is not None).last_hidden_state
+            # checkpointed layers would drop the cache: this pass runs without checkpointing
+            with self._layers_training(False) if cache is not None else contextlib.nullcontext():
+                return self._run_body(inputs_embeds=self.embed(input_ids), position_ids=positions,
+                                      attention_mask=torch.cat([gather_rows(prefix.mask, prompt_index), mask], dim=1),
+                                      past_key_values=cache, use_cache=cache is not None).last_hidden_state
         inputs = dict(prefix_key_values=layers, use_cache=False)
         if prefix.padded:
             inputs.update(attention_mask=prefix_attention.prefix_causal_mask(

@@ -115,7 +115,8 @@ def train(
     reparameterize: Annotated[int, typer.Option(
         help="--method prefix: train through a tanh MLP of this hidden width (prefix-tuning); 0: off.")] = 0,
     activation_checkpointing: Annotated[bool, typer.Option(
-        help="Recompute layer activations in the backward pass (less memory, more time; uses the concat path).")]
+        help="Recompute layer activations in the backward pass (less memory, more time; deep prompts too on "
+             "Llama, Qwen2, Gemma3).")]
     = False,
     compile_stack: Annotated[bool, typer.Option(
         "--compile", help="torch.compile the decoder layers (one graph shared by all layers, ~40 s to compile on "

@@ -205,11 +205,9 @@ def train(
         raise SoftPromptError(f"unknown method {config.method!r}; choose prompt, prefix or model-tuning")
     if config.reparameterize and config.method != "prefix":
         raise SoftPromptError("--reparameterize applies to deep prompts (--method prefix) only")
-    if config.activation_checkpointing:
-        if config.method != "prompt":
-            raise SoftPromptError("activation checkpointing works with --method prompt (deep prompts are keys/values "
-                                  "that checkpointed layers would drop)")
-        config = replace(config, path="concat")  # checkpointed layers drop past_key_values: no cached prompt
+    if config.activation_checkpointing and config.method == "prefix":
+        # checkpointed layers drop a cache object, the only other way deep prompts reach attention
+        backbone.require_plain_prefix("--activation-checkpointing with --method prefix")
     if config.compile or config.compile_mode:
         backbone.compile(config.compile_mode)
     if backbone.is_encoder_only:  # the label head trains with the prompt, as rows after it (encoder_model.py)
