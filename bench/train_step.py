@@ -8,6 +8,7 @@
     python bench/train_step.py --config all-cpu --transformers-backward  # softprompt without lean_backward.py
     python bench/train_step.py --config cuda-1b-k100 --lean-ab   # with vs without lean_backward.py, one process
     python bench/train_step.py --config cuda-1b-k100 --compile --peft-eager   # ours compiled vs PEFT as it ships
+    python bench/train_step.py --config all-cpu --activation-checkpointing     # both methods checkpointed
 
 Timing: both methods in one process, alternating step by step after warm-up; median ms/step.
 Memory: CUDA: torch.cuda.max_memory_allocated over each method's steps, after the timing in the same process (peak
@@ -58,19 +59,23 @@ class Variant:
     """`compile`: torch.compile the decoder layers (both methods; `peft_eager`: PEFT runs them eagerly, as it ships,
     the comparison behind issue #3's reference figures). `ours_path`: how softprompt hands the prompt to
     attention: "packed" (prompt and tokens in one pass, the default), "two-pass" (the prompt's keys/values from a
-    separate batch-1 pass, as plain tensors) or "cache-object" (the same, in a transformers DynamicCache)."""
+    separate batch-1 pass, as plain tensors) or "cache-object" (the same, in a transformers DynamicCache).
+    `checkpointing`: both methods recompute each layer's activations in the backward pass (transformers'
+    checkpointing on the shared model, as `softprompt train --activation-checkpointing` and PEFT users enable it)."""
 
     compile: bool = False
     ours_path: str = "packed"
     compile_mode: str | None = None  # torch.compile's mode, e.g. "reduce-overhead" (CUDA graphs)
     lean: bool = True  # False: softprompt with transformers' own backward (lean_backward.disabled())
     peft_eager: bool = False
+    checkpointing: bool = False
 
     def arguments(self) -> list[str]:
         return [*(["--compile"] if self.compile else []), *(["--compile-mode", self.compile_mode]
                                                             if self.compile_mode else []),
                 "--ours-path", self.ours_path, *([] if self.lean else ["--transformers-backward"]),
-                *(["--peft-eager"] if self.peft_eager else [])]
+                *(["--peft-eager"] if self.peft_eager else []),
+                *(["--activation-checkpointing"] if self.checkpointing else [])]
 
     @property
     def cuda_graphs(self) -> bool:
@@ -79,7 +84,8 @@ class Variant:
     def suffix(self) -> str:
         compiled = "+compile" + (f"-{self.compile_mode}" if self.compile_mode else "") if self.compile else ""
         return (compiled + ("" if self.ours_path == "packed" else f"+{self.ours_path}")
-                + ("" if self.lean else "+transformers-backward") + ("+peft-eager" if self.peft_eager else ""))
+                + ("" if self.lean else "+transformers-backward") + ("+peft-eager" if self.peft_eager else "")
+                + ("+checkpointing" if self.checkpointing else ""))
 
 
 @dataclass
@@ -145,23 +151,26 @@ def build(name: str, variant: Variant = Variant(), device: str | None = None, **
 
     backbone.prefix_attention = backbone.prefix_attention and variant.ours_path != "cache-object"
 
+    def checkpointing() -> contextlib.AbstractContextManager:
+        return backbone.activation_checkpointing() if variant.checkpointing else contextlib.nullcontext()
+
     def ours_step() -> float:
         prompts = prompt.unsqueeze(0)
-        with contextlib.nullcontext() if variant.lean else lean_backward.disabled():
+        with contextlib.nullcontext() if variant.lean else lean_backward.disabled(), checkpointing():
             prompt_kv = None if variant.ours_path == "packed" else backbone.prompt_key_values(prompts)
             loss = -backbone.target_logprobs(batch, prompts, prompt_kv=prompt_kv).mean()
-        ours_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+            ours_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         ours_optimizer.step()
         return loss.item()
 
     def peft_step() -> float:
         # same precision as ours; no cache object, which training never reads; PEFT's own activations
         eager = torch.compiler.set_stance("force_eager") if variant.peft_eager else contextlib.nullcontext()
-        with backbone.autocast(), lean_backward.disabled(), eager:
+        with backbone.autocast(), lean_backward.disabled(), eager, checkpointing():
             loss = peft_model(input_ids=peft_ids, attention_mask=peft_mask, labels=labels, use_cache=False).loss
-        peft_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+            peft_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         peft_optimizer.step()
         return loss.item()
 
@@ -331,12 +340,14 @@ def main() -> None:
                         help="time all of PEFT's steps, then all of ours (default: alternating step by step)")
     parser.add_argument("--lean-ab", action="store_true",
                         help="softprompt with and without lean_backward in one process instead (ms/step; CUDA: peak)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="both methods recompute each layer's activations in the backward pass")
     parser.add_argument("--memory-of", choices=["ours", "peft"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peft_eager and not args.compile:
         parser.error("--peft-eager compares against softprompt compiled: add --compile")
     variant = Variant(args.compile, args.ours_path, args.compile_mode, lean=not args.transformers_backward,
-                      peft_eager=args.peft_eager)
+                      peft_eager=args.peft_eager, checkpointing=args.activation_checkpointing)
     if args.memory_of:
         print(json.dumps({"peak_mib": peak_memory_mib(args.config, args.memory_of, args.steps, variant)}))
         return
