@@ -76,3 +76,15 @@ def smollm2() -> Backbone:
     from softprompt import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def packed_calls(monkeypatch) -> list:
+    """Grows by one per call of `prefix_attention.packed_attention` (one layer's attention over a packed row)."""
+    from softprompt import prefix_attention
+
+    calls = []
+    packed_attention = prefix_attention.packed_attention
+    monkeypatch.setattr(prefix_attention, "packed_attention",
+                        lambda *args, **kwargs: calls.append(1) or packed_attention(*args, **kwargs))
+    return calls

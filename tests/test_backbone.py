@@ -387,15 +387,9 @@ def assert_same_step(checkpointed, reference):
 SHORT_TEXTS = [TEXTS[0], TEXTS[2], TEXTS[3]]  # with BOS and 3 prompt slots, within tiny Gemma3's 16-token window
 
 
-def test_activation_checkpointing_recomputes_the_packed_pass_with_the_same_numbers(tiny_backbone, monkeypatch):
+def test_activation_checkpointing_recomputes_the_packed_pass_with_the_same_numbers(tiny_backbone, packed_calls):
     """Checkpointed layers keep the packed training pass (prompt and tokens in one pass, prompt keys/values as
     plain tensors): same scores and prompt gradient, every layer's packed attention run again in the backward."""
-    from softprompt import prefix_attention
-
-    packed_calls = []
-    packed_attention = prefix_attention.packed_attention
-    monkeypatch.setattr(prefix_attention, "packed_attention",
-                        lambda *args, **kwargs: packed_calls.append(1) or packed_attention(*args, **kwargs))
     batch = training_batch(tiny_backbone, SHORT_TEXTS)
     prompts = (torch.randn(1, 3, tiny_backbone.d_model) * 0.5).requires_grad_()
     results, packed = {}, {}

@@ -201,14 +201,8 @@ def test_generation_task_trains_on_the_target_text(tmp_path, llama_backbone):
 
 @pytest.mark.parametrize("path", ["cached", "concat"])
 def test_activation_checkpointing_recomputes_layers_and_trains_the_same_prompt(tmp_path, llama_backbone, path,
-                                                                              monkeypatch):
+                                                                              packed_calls):
     """The default path stays packed under checkpointing (prompt and tokens in one pass); concat is the reference."""
-    from softprompt import prefix_attention
-
-    packed_calls = []
-    packed_attention = prefix_attention.packed_attention
-    monkeypatch.setattr(prefix_attention, "packed_attention",
-                        lambda *args, **kwargs: packed_calls.append(1) or packed_attention(*args, **kwargs))
     attention = llama_backbone.model.model.layers[0].self_attn
     calls = []
     handle = attention.register_forward_hook(lambda *_: calls.append(1))
