@@ -203,9 +203,12 @@ class Backbone:
 
     def _run_body(self, **inputs) -> BaseModelOutputWithPast:
         """The decoder stack under autocast. Compiled layers serve the packed pass only: the other passes index
-        per-layer state (a cache object, a layer's prompt keys/values) that would make every layer a recompile."""
+        per-layer state (a cache object, a layer's prompt keys/values) that would make every layer a recompile.
+        A pass with a cache object runs without activation checkpointing, which would drop the cache."""
         eager = self.compiled and "packed_prompts" not in inputs
-        with self.autocast(), torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
+        uses_cache = inputs.get("use_cache") or inputs.get("past_key_values") is not None
+        with (self.autocast(), torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext(),
+              self._layers_training(False) if uses_cache else contextlib.nullcontext()):
             return self.body(**inputs)
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -311,8 +314,7 @@ class Backbone:
         if length == 0:
             return PrefixCache([], mask, lengths)
         positions = torch.arange(length, device=self.device).unsqueeze(0).expand(count, -1)
-        with self._layers_training(False):  # a checkpointed layer would return no cache; the prompt's pass is small
-            output = self._run_body(inputs_embeds=prefix, position_ids=positions, use_cache=True)
+        output = self._run_body(inputs_embeds=prefix, position_ids=positions, use_cache=True)
         return PrefixCache([(layer.keys, layer.values) for layer in output.past_key_values.layers], mask, lengths)
 
     @cached_property
@@ -360,10 +362,10 @@ class Backbone:
         if prompt_index is None:
             prompt_index = torch.zeros(rows, dtype=torch.long, device=self.device)
         prompt_index = prompt_index.to(self.device)
-        packable = (path == "cached" and prompt_kv is None and prompts is not None
-                    and self._takes_plain_prefix(len(self.bos_ids) + prompts.shape[1] + length))
-        if self.checkpointed_layers and path == "cached" and not packable and prompt_kv is None and prompts is not None:
-            path = "concat"  # the other cached route needs a cache object, which checkpointed layers drop
+        prompts_to_run = path == "cached" and prompt_kv is None and prompts is not None
+        packable = prompts_to_run and self._takes_plain_prefix(len(self.bos_ids) + prompts.shape[1] + length)
+        if prompts_to_run and not packable and self.checkpointed_layers:
+            path = "concat"  # the other route runs its tokens after a cache object, which would go unchecked
         if packable:  # training: the prompt's keys/values change every step, so they come from the same pass
             hidden = self._packed_hidden(prompts, input_ids, prompt_index)
         elif path == "cached":
@@ -418,11 +420,9 @@ class Backbone:
         if not (layers and self._takes_plain_prefix(prefix.width + length)):
             # a transformers cache object: any architecture, any sliding window
             cache = DynamicCache(ddp_cache_data=layers, config=self.model.config) if layers else None
-            # checkpointed layers would drop the cache: this pass runs without checkpointing
-            with self._layers_training(False) if cache is not None else contextlib.nullcontext():
-                return self._run_body(inputs_embeds=self.embed(input_ids), position_ids=positions,
-                                      attention_mask=torch.cat([gather_rows(prefix.mask, prompt_index), mask], dim=1),
-                                      past_key_values=cache, use_cache=cache is not None).last_hidden_state
+            return self._run_body(inputs_embeds=self.embed(input_ids), position_ids=positions,
+                                  attention_mask=torch.cat([gather_rows(prefix.mask, prompt_index), mask], dim=1),
+                                  past_key_values=cache, use_cache=cache is not None).last_hidden_state
         inputs = dict(prefix_key_values=layers, use_cache=False)
         if prefix.padded:
             inputs.update(attention_mask=prefix_attention.prefix_causal_mask(
