@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The device-machine runs behind docs/benchmarks.md's CUDA rows (random-weight Llama shapes; no weights travel).
 #   bash bench/gpu_check.sh [train] [blocked] [two-pass] [lean] [compile] [compile-k20] [cuda-graphs] [compile-check]
-#                           [peft-eager] [checkpointing] [profile] [serve] [padding]
-# (default: all thirteen, in that order; each section prints its wall time, to plan the next session's device minutes)
+#                           [peft-eager] [peft-eager-graphs] [checkpointing] [profile] [serve] [padding]
+# (default: all fourteen, in that order; each section prints its wall time, to plan the next session's device minutes)
 # Carry .whl: transformers 5.23.0 and peft 0.21.2 wheels as pinned here, and .whl/serve, the server's pure-Python
 # dependencies (fastapi, uvicorn, httpx, typer, rich...: `pip download -d .whl/serve fastapi==0.163.2 ...`).
 # Results land in $OUT.
@@ -16,7 +16,7 @@ export PYTHONPATH=/tmp/site:src:bench:/tmp/serve-site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import sys, torch, transformers, peft; print(sys.version.split()[0], torch.__version__, transformers.__version__, peft.__version__)" | tee -a "$OUT/gpu.txt"
 sections=("$@")
-[ ${#sections[@]} -gt 0 ] || sections=(train blocked two-pass lean compile compile-k20 cuda-graphs compile-check peft-eager checkpointing profile serve padding)
+[ ${#sections[@]} -gt 0 ] || sections=(train blocked two-pass lean compile compile-k20 cuda-graphs compile-check peft-eager peft-eager-graphs checkpointing profile serve padding)
 for section in "${sections[@]}"; do
   started=$SECONDS
   case $section in
@@ -43,10 +43,13 @@ for section in "${sections[@]}"; do
     compile-check)  # compiled layers (default and CUDA graphs) give eager's scores and gradients over varying shapes
       timeout 150 python3 bench/compile_check.py --device cuda --shape llama-1b --layers 4 2>&1 \
         | tee "$OUT/compile_check.log" ;;
-    peft-eager)  # issue #3's own comparison, in one process: softprompt compiled (both modes) vs PEFT as it ships
-      timeout 100 python3 bench/train_step.py --config cuda-1b-k100 --steps 20 --warmup 5 --compile --peft-eager \
-        2>&1 | tee -a "$OUT/bench_cuda_peft_eager.log"
-      timeout 150 python3 bench/train_step.py --config cuda-1b-k100 --steps 20 --warmup 5 --compile --peft-eager \
+    peft-eager)  # issue #3's own comparison, in one process: softprompt compiled vs PEFT as it ships (K=100, K=20)
+      for config in cuda-1b-k100 cuda-1b-k20; do
+        timeout 100 python3 bench/train_step.py --config $config --steps 20 --warmup 5 --compile --peft-eager \
+          2>&1 | tee -a "$OUT/bench_cuda_peft_eager.log"
+      done ;;
+    peft-eager-graphs)  # the same with CUDA graphs: ours' first step took 78 s on the H100, then a memory process
+      timeout 330 python3 bench/train_step.py --config cuda-1b-k100 --steps 20 --warmup 5 --compile --peft-eager \
         --compile-mode reduce-overhead 2>&1 | tee -a "$OUT/bench_cuda_peft_eager.log" ;;
     checkpointing)  # both methods recompute each layer's activations in the backward pass (less memory, more time)
       timeout 120 python3 bench/train_step.py --config cuda-1b-k100 --steps 20 --warmup 5 --activation-checkpointing \

@@ -1,5 +1,7 @@
 """The lean backward (lean_backward.py): same scores, same prompt gradients, fewer bytes kept for backward."""
 
+import threading
+
 import pytest
 import torch
 from conftest import make_backbone
@@ -74,6 +76,26 @@ def test_bf16_weights_keep_less_for_the_backward_pass():
     assert reference_kept - lean_kept == expected
     with lean_backward.disabled():  # what benchmarks run PEFT under
         assert saved_bytes(lean, prompts)[0] == reference_kept
+
+
+def test_disabled_reaches_the_threads_that_recompute_checkpointed_layers():
+    """On CUDA autograd runs the backward, and so the recomputation of checkpointed layers, in its own threads: they
+    must run the same forward as the pass they recompute (a lean recomputation of a plain forward keeps fewer
+    tensors, and checkpointing refuses it)."""
+    lean, reference = make_backbone("llama"), make_backbone("llama")
+    lean_backward.remove(reference.model)
+    prompts = torch.randn(2, 3, lean.d_model)
+    gradients = []
+    for backbone in (lean, reference):
+        trainable = prompts.clone().requires_grad_(True)
+        with lean_backward.disabled(), backbone.activation_checkpointing():
+            logprobs = backbone.target_logprobs(training_batch(backbone, TEXTS), trainable, torch.tensor([0, 1, 1, 0]))
+            backward = threading.Thread(target=logprobs.sum().backward)
+            backward.start()
+            backward.join()
+        gradients.append(trainable.grad)
+    assert gradients[0] is not None
+    torch.testing.assert_close(gradients[0], gradients[1])
 
 
 def test_trainable_weights_take_their_own_forward():

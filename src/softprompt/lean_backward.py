@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import threading
 import weakref
 
 import torch
@@ -88,22 +87,25 @@ class _GatedActivation(torch.autograd.Function):
         return grad_gate, grad * activated, None
 
 
-_disabled = threading.local()
+# Process-wide, not per thread: on CUDA, autograd runs the backward pass, and with it the recomputation of
+# checkpointed layers, in its own threads; a layer recomputed lean after a forward that was not fails the check
+# that both kept the same tensors.
+_disabled_depth = 0
 
 
 @contextlib.contextmanager
 def disabled():
-    """Every module runs its own forward inside this block, in this thread (benchmarks run PEFT this way)."""
-    previous = getattr(_disabled, "on", False)
-    _disabled.on = True
+    """Every module runs its own forward inside this block, in every thread (benchmarks run PEFT this way)."""
+    global _disabled_depth
+    _disabled_depth += 1
     try:
         yield
     finally:
-        _disabled.on = previous
+        _disabled_depth -= 1
 
 
 def _recording() -> bool:
-    return torch.is_grad_enabled() and not getattr(_disabled, "on", False)
+    return torch.is_grad_enabled() and not _disabled_depth
 
 
 def _norm_forward(self: nn.Module, x: Tensor) -> Tensor:
