@@ -22,30 +22,32 @@ import time
 
 from peak_rss import PeakRSS
 
-MODES = {"cached": dict(path="cached"), "concat": dict(path="concat"),
-         "cached+checkpointing": dict(path="cached", activation_checkpointing=True),
-         "concat+checkpointing": dict(path="concat", activation_checkpointing=True)}
+MODES = {"cached": dict(route=None), "concat": dict(route="concat"),
+         "cached+checkpointing": dict(route=None, activation_checkpointing=True),
+         "concat+checkpointing": dict(route="concat", activation_checkpointing=True)}
 
 
 def measure(mode: str, steps: int, batch: int, tokens: int, prompt_length: int) -> dict:
     import torch
 
     from softprompt import load_dataset, load_model
-    from softprompt.data import Encoder
+    from softprompt.data import TaskTokenizer
     from softprompt.initializers import initialize
+    from softprompt.routes import Route
     from softprompt.train import prompt_loss
 
     backbone = load_model("smollm2-135m")
     data = load_dataset("20newsgroups")
-    encoder = Encoder(backbone, data.task, tokens)
-    items = encoder.encode_all(data.train[:batch])
+    task_tokenizer = TaskTokenizer(backbone, data.task, tokens)
+    items = task_tokenizer.encode_all(data.train[:batch])
     prompt = torch.nn.Parameter(initialize("class-label", backbone, prompt_length, data.task, 0))
     options = MODES[mode]
 
     def step() -> None:
         checkpointing = options.get("activation_checkpointing")
         with backbone.activation_checkpointing() if checkpointing else contextlib.nullcontext():
-            prompt_loss(backbone, encoder, items, prompt, options["path"]).backward()
+            route = {"route": Route.CONCAT} if options["route"] == "concat" else {}
+            prompt_loss(backbone, task_tokenizer, items, {"prompts": prompt[None], **route}).backward()
         prompt.grad = None
 
     with PeakRSS() as peak:

@@ -21,7 +21,8 @@ import time
 import torch
 from random_models import LLAMA_SHAPES, random_llama, stub_tokenizer
 
-from softprompt.backbone import Backbone, TokenBatch
+from softprompt.backbone import TokenBatch
+from softprompt.causal import CausalLM
 
 PROMPTS, PROMPT_LENGTH = 3, 20
 TOLERANCE = 0.05  # largest score difference, and gradient difference relative to the gradient's largest entry
@@ -40,7 +41,7 @@ def token_batches(vocab_size: int, rows: int, lengths: list[int], generator: tor
     return batches
 
 
-def scores_and_gradients(backbone: Backbone, prompts: torch.Tensor, prompt_index: torch.Tensor,
+def scores_and_gradients(backbone: CausalLM, prompts: torch.Tensor, prompt_index: torch.Tensor,
                          batches: list[TokenBatch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     results = []
     for batch in batches:
@@ -63,7 +64,7 @@ def timed(function, *args):
 
 def check(mode: str, args: argparse.Namespace) -> dict:
     model = random_llama(args.shape, args.device, num_hidden_layers=args.layers)
-    backbone = Backbone(model, stub_tokenizer(model.config.vocab_size), args.shape, precision="fp32")  # bf16 weights
+    backbone = CausalLM(model, stub_tokenizer(model.config.vocab_size), args.shape, precision="fp32")  # bf16 weights
     generator = torch.Generator().manual_seed(0)
     batches = token_batches(model.config.vocab_size, args.rows, args.lengths, generator)
     prompts = (torch.randn(PROMPTS, PROMPT_LENGTH, backbone.d_model, generator=generator) * 0.1).to(args.device)

@@ -39,7 +39,7 @@ def main() -> None:
 
     from softprompt import load_dataset, load_model
     from softprompt.backbone import PrefixCache
-    from softprompt.data import Encoder
+    from softprompt.data import TaskTokenizer
     from softprompt.evaluate import length_sorted_batches
     from softprompt.initializers import initialize
 
@@ -47,8 +47,8 @@ def main() -> None:
     if backbone.bos_ids:
         raise SystemExit("this comparison assumes no BOS (PEFT puts the prompt before it, softprompt after)")
     data = load_dataset("gsm8k")
-    encoder = Encoder(backbone, data.task)
-    items = encoder.encode_all((data.test or data.valid)[: args.inputs])
+    task_tokenizer = TaskTokenizer(backbone, data.task)
+    items = task_tokenizer.encode_all((data.test or data.valid)[: args.inputs])
     rows = [item.input_ids for item in items]
     prompt = initialize("vocab", backbone, 20, data.task, seed=0)
     eos = backbone.tokenizer.eos_token_id
@@ -57,7 +57,7 @@ def main() -> None:
         task_type=TaskType.CAUSAL_LM, num_virtual_tokens=prompt.shape[0], prompt_tuning_init=PromptTuningInit.RANDOM))
     with torch.no_grad():
         peft_model.prompt_encoder["default"].embedding.weight.copy_(prompt)
-    prefix = backbone.prompt_key_values(prompt.unsqueeze(0))
+    prefix = backbone.prompt_cache(prompt.unsqueeze(0))
 
     def peft_generate(indices: list[int]) -> list[list[int]]:
         width = max(len(rows[i]) for i in indices)
@@ -107,7 +107,7 @@ def main() -> None:
               **{f"{name}_equal": value for name, value in agree.items()}}
 
     if args.prompts > 1:
-        stacked = PrefixCache.stack([backbone.prompt_key_values(initialize("vocab", backbone, 20, data.task,
+        stacked = PrefixCache.stack([backbone.prompt_cache(initialize("vocab", backbone, 20, data.task,
                                                                             seed=seed).unsqueeze(0))
                                      for seed in range(args.prompts)])
         owner = [i % args.prompts for i in range(len(rows))]

@@ -7,7 +7,7 @@ A PromptBank holding 16 prompts (K=20) classifies batches of requests, each to a
 lengths, three ways, alternating batch by batch after a warm-up:
   padded:  one forward pass over right-padded rows (`Backbone.drops_padding` off, `PromptBank.max_padding` 1.0);
   split:   length-sorted parts with at most 25% padding each (`max_padding` 0.25, the former CPU default);
-  dropped: one forward pass over the real tokens only (`drops_padding` on: `prefix_attention.RaggedRows`).
+  dropped: one forward pass over the real tokens only (`drops_padding` on: `prompt_attention.RaggedRows`).
 Prints the median ms per batch and per request, the share of padded positions, the ratios against "padded", and
 the largest probability difference between the ways; ends with one JSON line per batch size. (PEFT has no
 counterpart: it cannot put prompts for different tasks in one batch; bench/serve.py compares the server with the
@@ -51,7 +51,7 @@ def padding_share(bank, batch: list[tuple[str, dict[str, str]]]) -> float:
     """Of the input positions a padded batch computes (label tokens aside)."""
     from softprompt.data import Example
 
-    lengths = [len(bank.entry(name).encoder.encode(Example(fields, None, None, "request")).input_ids)
+    lengths = [len(bank.entry(name).task_tokenizer.encode(Example(fields, None, None, "request")).input_ids)
                for name, fields in batch]
     return 1 - sum(lengths) / (len(lengths) * max(lengths))
 

@@ -32,22 +32,22 @@ def main() -> None:
     from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
     from softprompt import lean_backward, load_dataset, load_model
-    from softprompt.data import Encoder
+    from softprompt.data import TaskTokenizer
     from softprompt.evaluate import label_scores
     from softprompt.initializers import initialize
     from softprompt.train import TrainConfig, batch_for_step, make_optimizer, make_schedule, prompt_loss
 
     backbone = load_model("smollm2-135m")
     dataset = load_dataset("rotten-tomatoes")
-    encoder = Encoder(backbone, dataset.task)
-    train_items = encoder.encode_all(dataset.train)
-    valid_items = encoder.encode_all(dataset.validation[: args.valid])
+    task_tokenizer = TaskTokenizer(backbone, dataset.task)
+    train_items = task_tokenizer.encode_all(dataset.train)
+    valid_items = task_tokenizer.encode_all(dataset.validation[: args.valid])
     gold = torch.tensor([item.label for item in valid_items])
-    label_tokens = torch.tensor([ids[0] for ids in encoder.label_ids])
+    label_tokens = torch.tensor([ids[0] for ids in task_tokenizer.label_ids])
     config = TrainConfig(steps=args.steps)
 
     def ours_accuracy(prompt: torch.Tensor) -> float:
-        scores = label_scores(backbone, encoder, valid_items, prompt.detach().unsqueeze(0))
+        scores = label_scores(backbone, task_tokenizer, valid_items, prompt.detach().unsqueeze(0))
         return float((scores.argmax(1) == gold).float().mean())
 
     def run_ours() -> list[dict]:
@@ -57,7 +57,7 @@ def main() -> None:
 
         def step(index: int) -> None:
             items = [train_items[i] for i in batch_for_step(train_items, config, index)]
-            loss = prompt_loss(backbone, encoder, items, prompt)
+            loss = prompt_loss(backbone, task_tokenizer, items, {"prompts": prompt.unsqueeze(0)})
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

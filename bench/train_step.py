@@ -90,7 +90,7 @@ class Variant:
 
 @dataclass
 class Setup:
-    backbone: object  # softprompt Backbone
+    backbone: object  # softprompt CausalLM
     peft_model: object
     ours_step: object
     peft_step: object
@@ -103,7 +103,9 @@ def build(name: str, variant: Variant = Variant(), device: str | None = None, **
     from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
     from softprompt import lean_backward
-    from softprompt.backbone import Backbone, TokenBatch, load_model
+    from softprompt.backbone import TokenBatch
+    from softprompt.causal import CausalLM
+    from softprompt.loader import load_model
 
     spec = CONFIGS[name]
     device = torch.device(device or spec["device"])
@@ -111,18 +113,18 @@ def build(name: str, variant: Variant = Variant(), device: str | None = None, **
         model = random_llama(spec["model"], device, **shape_overrides)
         config = model.config
         tokenizer = stub_tokenizer(config.vocab_size)
-        backbone = Backbone(model, tokenizer, spec["model"], precision="fp32")  # weights already bf16
+        backbone = CausalLM(model, tokenizer, spec["model"], precision="fp32")  # weights already bf16
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(10, config.vocab_size, (spec["batch"], spec["seq"]), generator=generator)
         lengths = torch.full((spec["batch"],), spec["seq"])
         targets = torch.randint(10, config.vocab_size, (spec["batch"],), generator=generator)
     else:
-        from softprompt.data import Encoder, load_dataset
+        from softprompt.data import TaskTokenizer, load_dataset
 
         backbone = load_model(spec["model"], precision="auto")
         dataset = load_dataset("rotten-tomatoes")
-        encoder = Encoder(backbone, dataset.task)
-        items = encoder.encode_all(dataset.train[: spec["batch"]])
+        task_tokenizer = TaskTokenizer(backbone, dataset.task)
+        items = task_tokenizer.encode_all(dataset.train[: spec["batch"]])
         width = max(len(item.input_ids) for item in items)
         ids = torch.tensor([item.input_ids + [backbone.pad_id] * (width - len(item.input_ids)) for item in items])
         lengths = torch.tensor([len(item.input_ids) for item in items])
@@ -149,7 +151,7 @@ def build(name: str, variant: Variant = Variant(), device: str | None = None, **
                                                           prompt_tuning_init=PromptTuningInit.RANDOM))
     peft_optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
 
-    backbone.prefix_attention = backbone.prefix_attention and variant.ours_path != "cache-object"
+    backbone.takes_plain_prompt_tensors = backbone.takes_plain_prompt_tensors and variant.ours_path != "cache-object"
 
     def checkpointing() -> contextlib.AbstractContextManager:
         return backbone.activation_checkpointing() if variant.checkpointing else contextlib.nullcontext()
@@ -157,8 +159,8 @@ def build(name: str, variant: Variant = Variant(), device: str | None = None, **
     def ours_step() -> float:
         prompts = prompt.unsqueeze(0)
         with contextlib.nullcontext() if variant.lean else lean_backward.disabled(), checkpointing():
-            prompt_kv = None if variant.ours_path == "packed" else backbone.prompt_key_values(prompts)
-            loss = -backbone.target_logprobs(batch, prompts, prompt_kv=prompt_kv).mean()
+            cache = None if variant.ours_path == "packed" else backbone.prompt_cache(prompts)
+            loss = -backbone.target_logprobs(batch, prompts, cache=cache).mean()
             ours_optimizer.zero_grad(set_to_none=True)
             loss.backward()
         ours_optimizer.step()

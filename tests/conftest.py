@@ -15,7 +15,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from softprompt.backbone import Backbone
+from softprompt.causal import CausalLM
 
 torch.set_num_threads(2)
 
@@ -44,7 +44,7 @@ def make_tokenizer(with_bos: bool = False) -> PreTrainedTokenizerFast:
                                    bos_token="<bos>")
 
 
-def make_backbone(arch: str = "llama", seed: int = 0) -> Backbone:
+def make_backbone(arch: str = "llama", seed: int = 0) -> CausalLM:
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(with_bos=arch == "gemma3")
     common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -58,21 +58,21 @@ def make_backbone(arch: str = "llama", seed: int = 0) -> Backbone:
         model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=8, sliding_window=16))
     else:
         raise ValueError(arch)
-    return Backbone(model.float(), tokenizer, name=f"tiny-{arch}")
+    return CausalLM(model.float(), tokenizer, name=f"tiny-{arch}")
 
 
 @pytest.fixture(params=["llama", "qwen2", "gemma3"])
-def tiny_backbone(request) -> Backbone:
+def tiny_backbone(request) -> CausalLM:
     return make_backbone(request.param)
 
 
 @pytest.fixture
-def llama_backbone() -> Backbone:
+def llama_backbone() -> CausalLM:
     return make_backbone("llama")
 
 
 @pytest.fixture(scope="session")
-def smollm2() -> Backbone:
+def smollm2() -> CausalLM:
     from softprompt import load_model
 
     return load_model("smollm2-135m")
@@ -80,11 +80,11 @@ def smollm2() -> Backbone:
 
 @pytest.fixture
 def packed_calls(monkeypatch) -> list:
-    """Grows by one per call of `prefix_attention.packed_attention` (one layer's attention over a packed row)."""
-    from softprompt import prefix_attention
+    """Grows by one per call of `prompt_attention.packed_attention` (one layer's attention over a packed row)."""
+    from softprompt import prompt_attention
 
     calls = []
-    packed_attention = prefix_attention.packed_attention
-    monkeypatch.setattr(prefix_attention, "packed_attention",
+    packed_attention = prompt_attention.packed_attention
+    monkeypatch.setattr(prompt_attention, "packed_attention",
                         lambda *args, **kwargs: calls.append(1) or packed_attention(*args, **kwargs))
     return calls

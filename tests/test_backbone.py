@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from softprompt.backbone import TokenBatch
-from softprompt.data import Encoder, Example
+from softprompt.data import Example, TaskTokenizer
+from softprompt.routes import Route
 from softprompt.tasks import TaskSpec
 
 TASK = TaskSpec(name="sentiment", template="Review: {text}\nSentiment:", labels=["negative", "positive"])
@@ -10,9 +11,9 @@ TEXTS = ["a great movie", "dull, boring and far too long for what it is", "wit",
 
 
 def training_batch(backbone, texts=TEXTS):
-    encoder = Encoder(backbone, TASK)
+    task_tokenizer = TaskTokenizer(backbone, TASK)
     examples = [Example({"text": t}, i % 2, None, f"row {i}") for i, t in enumerate(texts)]
-    return encoder.training_batch(encoder.encode_all(examples))
+    return task_tokenizer.training_batch(task_tokenizer.encode_all(examples))
 
 
 def test_every_base_weight_is_frozen(tiny_backbone):
@@ -32,8 +33,8 @@ def test_cached_path_equals_concat_reference(tiny_backbone, mixed):
     prompts = (torch.randn(3 if mixed else 1, 5, tiny_backbone.d_model) * 0.5).requires_grad_(True)
     index = torch.tensor([0, 2, 1, 2]) if mixed else None
     results = []
-    for path in ["cached", "concat"]:
-        logprobs = tiny_backbone.target_logprobs(batch, prompts, index, path=path)
+    for route in [None, Route.CONCAT]:  # None: the planned route
+        logprobs = tiny_backbone.target_logprobs(batch, prompts, index, route=route)
         (grad,) = torch.autograd.grad(-logprobs.sum(), prompts)
         results.append((logprobs.detach(), grad))
     (cached, cached_grad), (concat, concat_grad) = results
@@ -45,47 +46,31 @@ def test_cached_path_equals_concat_reference(tiny_backbone, mixed):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
-def test_three_ways_to_hand_prompt_keys_to_attention_agree(arch, monkeypatch):
-    """prefix_attention.py: prompts and tokens packed in one pass (training), precomputed prompt keys/values as
-    plain tensors (evaluation, serving; the rows' padding dropped or not), and the transformers DynamicCache
-    fallback give the same log-probs and prompt gradient, with mixed prompts and padding. Neither plain-tensor
-    route builds a mask when no prompt slot is padding (lower-right causal SDPA; padded prompt slots:
-    test_prompts_of_different_lengths_share_...)."""
+def test_every_route_gives_the_same_scores_and_gradients(arch):
+    """routes.py: prompts and tokens packed in one pass (training), precomputed prompt keys/values as plain tensors
+    (evaluation, serving; the rows' padding dropped or not), the transformers DynamicCache fallback and the concat
+    reference give the same log-probs and prompt gradient, with mixed prompts and padding; and the planner picks
+    packed for prompt tensors and ragged for a padded batch after precomputed keys/values (CPU)."""
     from conftest import make_backbone
 
-    from softprompt import prefix_attention
+    from softprompt.routes import Rows, plan
 
     backbone = make_backbone(arch)
-    assert backbone.prefix_attention
+    assert backbone.takes_plain_prompt_tensors and backbone.drops_padding  # the CPU default
     backbone.model.config.sliding_window = 64 if arch == "gemma3" else None  # the whole prefix fits the window
-    built = {"packed": 0, "mask": 0, "ragged": 0}
-    packed_type, build_mask, ragged_type = (prefix_attention.PackedPrompts, prefix_attention.prefix_causal_mask,
-                                            prefix_attention.RaggedRows)
-
-    def count(name, function):
-        return lambda *args: built.__setitem__(name, built[name] + 1) or function(*args)
-
-    monkeypatch.setattr(prefix_attention, "PackedPrompts", count("packed", packed_type))
-    monkeypatch.setattr(prefix_attention, "prefix_causal_mask", count("mask", build_mask))
-    monkeypatch.setattr(prefix_attention, "RaggedRows", count("ragged", ragged_type))
     batch = training_batch(backbone)
     prompts = (torch.randn(2, 5, backbone.d_model) * 0.5).requires_grad_(True)
     index = torch.tensor([0, 1, 1, 0])
     results = []
-    assert backbone.drops_padding  # the CPU default
-    for way, plain_tensors, drops_padding, expected in [
-        ("packed", True, True, {"packed": 1, "mask": 0, "ragged": 0}),
-        ("precomputed, padding dropped", True, True, {"packed": 0, "mask": 0, "ragged": 1}),
-        ("precomputed, padded rows", True, False, {"packed": 0, "mask": 0, "ragged": 0}),
-        ("cache object", False, False, {"packed": 0, "mask": 0, "ragged": 0}),
-    ]:
-        backbone.prefix_attention, backbone.drops_padding = plain_tensors, drops_padding
-        built.update(packed=0, mask=0, ragged=0)
-        kv = None if way == "packed" else backbone.prompt_key_values(prompts)
-        logprobs = backbone.target_logprobs(batch, prompts, index, prompt_kv=kv)
+    for route, precomputed in [(Route.PACKED, False), (Route.RAGGED, True), (Route.PLAIN, True),
+                               (Route.CACHE_OBJECT, True), (Route.CACHE_OBJECT, False), (Route.CONCAT, False)]:
+        cache = backbone.prompt_cache(prompts) if precomputed else None
+        if route in (Route.PACKED, Route.RAGGED):  # what the planner picks on its own for these inputs
+            rows = Rows(batch.input_ids, batch.attention_mask, index, None if precomputed else prompts, cache)
+            assert plan(backbone.batch_facts(rows)) == route
+        logprobs = backbone.target_logprobs(batch, prompts, index, cache=cache, route=route)
         (grad,) = torch.autograd.grad(-logprobs.sum(), prompts)
         results.append((logprobs.detach(), grad))
-        assert built == expected, way  # the path under test really ran
     for logprobs, grad in results[1:]:
         torch.testing.assert_close(logprobs, results[0][0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(grad, results[0][1], atol=1e-5, rtol=1e-4)
@@ -94,10 +79,10 @@ def test_three_ways_to_hand_prompt_keys_to_attention_agree(arch, monkeypatch):
 def test_prefix_attention_steps_aside_when_a_sliding_window_is_too_short():
     from conftest import make_backbone
 
-    from softprompt import prefix_attention
+    from softprompt import prompt_attention
 
     backbone = make_backbone("gemma3")  # sliding_window=16: the existing equivalence tests run past it
-    assert prefix_attention.fits(backbone.model, 16) and not prefix_attention.fits(backbone.model, 17)
+    assert prompt_attention.fits(backbone.model, 16) and not prompt_attention.fits(backbone.model, 17)
 
 
 def test_target_logprobs_equal_full_logit_scoring(tiny_backbone):
@@ -127,7 +112,7 @@ def test_gemma_bos_goes_before_the_prompt():
 
     backbone = make_backbone("gemma3")
     assert backbone.bos_ids == [2]
-    prefix = backbone.prefix_embeddings(torch.zeros(1, 3, backbone.d_model))
+    prefix = backbone.prompt_embeddings(torch.zeros(1, 3, backbone.d_model))
     assert prefix.shape[1] == 4
     # Gemma scales embeddings inside the module: the BOS row is the scaled one, not the raw weight.
     raw = backbone.model.get_input_embeddings().weight[2]
@@ -135,13 +120,27 @@ def test_gemma_bos_goes_before_the_prompt():
     torch.testing.assert_close(prefix[0, 0], backbone.embed(torch.tensor([2]))[0])
 
 
-def test_unknown_path_is_an_error(llama_backbone):
-    from softprompt.errors import SoftPromptError
+def test_plan_picks_each_route_from_the_batch_and_the_model():
+    from softprompt.routes import BatchFacts, plan
 
-    batch = TokenBatch(torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long),
-                       torch.tensor([0]), torch.tensor([1]), torch.tensor([3]))
-    with pytest.raises(SoftPromptError, match="unknown forward path 'fast'"):
-        llama_backbone.target_logprobs(batch, path="fast")
+    def facts(**changes):
+        base = dict(reference=False, prompts_to_run=False, prompt_slots=6, plain_tensors_fit=True,
+                    checkpointing=False, drops_padding=True, rows_padded=True)
+        return BatchFacts(**{**base, **changes})
+
+    assert plan(facts(prompts_to_run=True)) == Route.PACKED  # training: the prompt changes every step
+    assert plan(facts(prompts_to_run=True, reference=True)) == Route.CONCAT  # asked for
+    assert plan(facts(reference=True)) == Route.CONCAT
+    # prompts that cannot be packed (a family without plain-tensor prompts, or past a sliding window)
+    assert plan(facts(prompts_to_run=True, plain_tensors_fit=False)) == Route.CACHE_OBJECT
+    assert plan(facts(prompts_to_run=True, plain_tensors_fit=False, checkpointing=True)) == Route.CONCAT
+    assert plan(facts(prompts_to_run=True, checkpointing=True)) == Route.PACKED  # packing survives checkpointing
+    # precomputed keys/values (evaluation, serving)
+    assert plan(facts()) == Route.RAGGED  # CPU, padded rows: the padding does not run
+    assert plan(facts(rows_padded=False)) == Route.PLAIN
+    assert plan(facts(drops_padding=False)) == Route.PLAIN  # GPU
+    assert plan(facts(plain_tensors_fit=False)) == Route.CACHE_OBJECT
+    assert plan(facts(prompt_slots=0)) == Route.CACHE_OBJECT  # nothing in front (no BOS, no prompt): no cache
 
 
 def test_a_left_padded_batch_is_refused():
@@ -163,7 +162,7 @@ def test_fingerprint_identifies_the_embedding_matrix():
 def test_greedy_generation_matches_full_forward(llama_backbone):
     ids = llama_backbone.tokenize("Question: what is two plus two?\nAnswer:")
     prompt = torch.randn(3, llama_backbone.d_model)
-    prefix = llama_backbone.prompt_key_values(prompt.unsqueeze(0))
+    prefix = llama_backbone.prompt_cache(prompt.unsqueeze(0))
     (generated,) = llama_backbone.generate([ids], prefix, max_new_tokens=5, stop_ids=set())
     sequence = list(ids)
     with torch.no_grad():
@@ -187,7 +186,7 @@ def test_batched_greedy_generation_equals_each_row_alone(tiny_backbone):
                 module.k_proj.weight.mul_(16)
     long = " ".join(["Question: what is two plus two?"] * 4) + "\nAnswer:"
     rows = [tiny_backbone.tokenize(text) for text in [long, "wit", "a b c"]]
-    prefix = tiny_backbone.prompt_key_values(torch.randn(1, 3, tiny_backbone.d_model))
+    prefix = tiny_backbone.prompt_cache(torch.randn(1, 3, tiny_backbone.d_model))
     alone = [tiny_backbone.generate([row], prefix, max_new_tokens=6, stop_ids=set())[0] for row in rows]
     assert len({tuple(tokens) for tokens in alone}) > 1  # different inputs, different answers
     assert tiny_backbone.generate(rows, prefix, max_new_tokens=6, stop_ids=set()) == alone
@@ -207,7 +206,7 @@ def test_batched_greedy_generation_equals_each_row_alone(tiny_backbone):
 def test_batched_generation_mixes_prompts_and_budgets(tiny_backbone):
     """Rows after different prompts (2 and 5 slots, left-padded into one cache) with their own token budgets decode
     as each does alone after its own prompt."""
-    from softprompt.backbone import PrefixCache
+    from softprompt.backbone import PromptCache
 
     if getattr(tiny_backbone.model.config, "sliding_window", None) is not None:
         tiny_backbone.model.config.sliding_window = 64  # the batch fits: it decodes together
@@ -216,14 +215,14 @@ def test_batched_generation_mixes_prompts_and_budgets(tiny_backbone):
             if hasattr(module, "q_proj"):
                 module.q_proj.weight.mul_(16)
                 module.k_proj.weight.mul_(16)
-    short, long = (tiny_backbone.prompt_key_values(torch.randn(1, k, tiny_backbone.d_model) * 4) for k in (2, 5))
+    short, long = (tiny_backbone.prompt_cache(torch.randn(1, k, tiny_backbone.d_model) * 4) for k in (2, 5))
     rows = [tiny_backbone.tokenize(text) for text in ["Question: what is two plus two?\nAnswer:", "wit", "a b c"]]
     prompt_index, budgets = [1, 0, 1], [6, 3, 5]
     alone = [tiny_backbone.generate([row], (short, long)[index], budget, set())[0]
              for row, index, budget in zip(rows, prompt_index, budgets)]
     assert [len(tokens) for tokens in alone] == budgets
     assert alone[1] != tiny_backbone.generate([rows[1]], long, 3, set())[0]  # the prompt changes the answer
-    mixed = tiny_backbone.generate(rows, PrefixCache.stack([short, long]), budgets, set(), prompt_index)
+    mixed = tiny_backbone.generate(rows, PromptCache.stack([short, long]), budgets, set(), prompt_index)
     assert mixed == alone
 
 
@@ -231,18 +230,18 @@ def test_batched_generation_mixes_prompts_and_budgets(tiny_backbone):
 def test_prompts_of_different_lengths_share_one_padded_cache(tiny_backbone, drops_padding):
     """A bank of prompts with different K, padded into one cache, scores each row as its own prompt alone (with
     the rows' own padding dropped, the CPU default, or computed, as on a GPU)."""
-    from softprompt.backbone import PrefixCache
+    from softprompt.backbone import PromptCache
 
     tiny_backbone.drops_padding = drops_padding
     batch = training_batch(tiny_backbone)
     short, long = torch.randn(1, 2, tiny_backbone.d_model), torch.randn(1, 6, tiny_backbone.d_model)
     with torch.no_grad():
-        stacked = PrefixCache.stack([tiny_backbone.prompt_key_values(short), tiny_backbone.prompt_key_values(long)])
-        mixed = tiny_backbone.target_logprobs(batch, prompt_index=torch.tensor([0, 1, 1, 0]), prompt_kv=stacked)
+        stacked = PromptCache.stack([tiny_backbone.prompt_cache(short), tiny_backbone.prompt_cache(long)])
+        mixed = tiny_backbone.target_logprobs(batch, prompt_index=torch.tensor([0, 1, 1, 0]), cache=stacked)
         alone = {k: tiny_backbone.target_logprobs(batch, p) for k, p in [(0, short), (1, long)]}  # packed pass
-        precomputed = {k: tiny_backbone.target_logprobs(batch, prompt_kv=tiny_backbone.prompt_key_values(p))
+        precomputed = {k: tiny_backbone.target_logprobs(batch, cache=tiny_backbone.prompt_cache(p))
                        for k, p in [(0, short), (1, long)]}  # one prompt, no padded slot: lower-right causal
-    assert stacked.padded and not tiny_backbone.prompt_key_values(short).padded  # masked vs mask-free attention
+    assert stacked.padded and not tiny_backbone.prompt_cache(short).padded  # masked vs mask-free attention
     for row, prompt in enumerate([0, 1, 1, 0]):
         selected = batch.target_rows == row
         torch.testing.assert_close(mixed[selected], alone[prompt][selected], atol=1e-5, rtol=1e-4)
@@ -254,9 +253,9 @@ def test_a_device_map_with_a_layer_on_disk_scores_and_trains_like_the_plain_load
     computation: same label scores for mixed prompts, same trained prompt."""
     from conftest import make_backbone
 
-    from softprompt.backbone import load_model
-    from softprompt.data import Encoder, Example
+    from softprompt.data import Example, TaskTokenizer
     from softprompt.evaluate import label_scores
+    from softprompt.loader import load_model
     from softprompt.tasks import TaskSpec
     from softprompt.train import TrainConfig, train
 
@@ -274,7 +273,7 @@ def test_a_device_map_with_a_layer_on_disk_scores_and_trains_like_the_plain_load
     examples = [Example({"text": f"a {w} movie"}, i % 2, None, "r") for i, w in enumerate(["great", "dull"] * 4)]
     prompts = torch.randn(2, 3, plain.d_model)
     index = torch.tensor([0, 1] * 4)
-    scores = [label_scores(b, Encoder(b, task), Encoder(b, task).encode_all(examples), prompts=prompts,
+    scores = [label_scores(b, TaskTokenizer(b, task), TaskTokenizer(b, task).encode_all(examples), prompts=prompts,
                            prompt_index=index) for b in (plain, mapped)]
     torch.testing.assert_close(scores[1], scores[0], atol=1e-5, rtol=1e-5)
 
@@ -289,7 +288,7 @@ def test_a_device_map_with_a_layer_on_disk_scores_and_trains_like_the_plain_load
     mapped_half = load_model(str(tmp_path / "tiny"), precision="bf16", device_map=device_map,
                              offload_folder=str(tmp_path / "offload-half"))
     assert mapped_half.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
-    half_scores = [label_scores(b, Encoder(b, task), Encoder(b, task).encode_all(examples), prompts=prompts,
+    half_scores = [label_scores(b, TaskTokenizer(b, task), TaskTokenizer(b, task).encode_all(examples), prompts=prompts,
                                 prompt_index=index) for b in (half, mapped_half)]
     assert torch.equal(half_scores[0], half_scores[1])
 
@@ -302,7 +301,7 @@ def test_a_half_precision_load_stores_linear_weights_in_half_with_the_same_numbe
     tied head gets its own bf16 copy."""
     from conftest import make_backbone
 
-    from softprompt.backbone import load_model
+    from softprompt.loader import load_model
 
     saved = make_backbone(arch)
     saved.model.save_pretrained(tmp_path)
@@ -314,8 +313,8 @@ def test_a_half_precision_load_stores_linear_weights_in_half_with_the_same_numbe
     assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
     embeddings = half.model.get_input_embeddings().weight
     assert embeddings.dtype == torch.float32 and half.fingerprint == reference.fingerprint
-    assert half.head.weight is not embeddings and half.head.weight.dtype == torch.bfloat16
-    assert (reference.head.weight is reference.model.get_input_embeddings().weight) == (arch == "gemma3")
+    assert half.lm_head.weight is not embeddings and half.lm_head.weight.dtype == torch.bfloat16
+    assert (reference.lm_head.weight is reference.model.get_input_embeddings().weight) == (arch == "gemma3")
 
     batch = training_batch(half)
     prompts = torch.randn(2, 3, half.d_model) * 0.5
@@ -324,8 +323,8 @@ def test_a_half_precision_load_stores_linear_weights_in_half_with_the_same_numbe
         results = []
         for backbone in (reference, half):
             leaf = prompts.clone().requires_grad_(True)
-            kv = backbone.prompt_key_values(leaf) if precomputed else None
-            logprobs = backbone.target_logprobs(batch, leaf, index, prompt_kv=kv)
+            kv = backbone.prompt_cache(leaf) if precomputed else None
+            logprobs = backbone.target_logprobs(batch, leaf, index, cache=kv)
             (grad,) = torch.autograd.grad(-logprobs.sum(), leaf)
             results.append((logprobs.detach(), grad))
         assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]), precomputed
@@ -354,7 +353,7 @@ def test_compiled_layers_give_the_same_scores_and_gradients():
             (grad,) = torch.autograd.grad(-logprobs.sum(), trainable)
             with torch.no_grad():
                 scored = backbone.target_logprobs(batch, prompt_index=index,
-                                                  prompt_kv=backbone.prompt_key_values(prompts))
+                                                  cache=backbone.prompt_cache(prompts))
             results.append((logprobs.detach(), grad, scored))
         for reference_result, compiled_result in zip(*results):
             torch.testing.assert_close(compiled_result, reference_result, atol=1e-5, rtol=1e-4)
@@ -412,16 +411,16 @@ def test_activation_checkpointing_where_a_prompt_needs_a_cache_object():
     prefixes, and tiny Gemma3 (with BOS) with inputs past its sliding window."""
     from conftest import make_backbone
 
-    from softprompt.prompt import prefix_cache, prefix_from_embeddings
+    from softprompt.prompt import prompt_cache
 
     no_plain_prefix = make_backbone("llama")
-    no_plain_prefix.prefix_attention = False
+    no_plain_prefix.takes_plain_prompt_tensors = False
     for backbone in (no_plain_prefix, make_backbone("gemma3")):
         batch = training_batch(backbone)  # the long text runs past Gemma3's window
         prompts = (torch.randn(1, 3, backbone.d_model) * 0.5).requires_grad_()
-        deep = prefix_from_embeddings(backbone, prompts[0].detach()).requires_grad_()
+        deep = backbone.deep_prompt_from_embeddings(prompts[0].detach()).requires_grad_()
         cases = ((prompts, lambda prompts=prompts: dict(prompts=prompts), True),
-                 (deep, lambda backbone=backbone, deep=deep: dict(prompt_kv=prefix_cache(backbone, deep, "prefix")),
+                 (deep, lambda backbone=backbone, deep=deep: dict(cache=prompt_cache(backbone, "prefix", deep)),
                   False))
         for trainable, inputs, recomputed in cases:
             reference = checkpointed_step(backbone, batch, trainable, False, inputs)
@@ -432,12 +431,12 @@ def test_activation_checkpointing_where_a_prompt_needs_a_cache_object():
 
 def test_deep_prompts_are_checkpointed_where_they_reach_attention_as_plain_tensors(tiny_backbone):
     """(Gemma3's BOS keys/values come from a pass of their own, which checkpointing must not strip of its cache.)"""
-    from softprompt.prompt import prefix_cache, prefix_from_embeddings
+    from softprompt.prompt import prompt_cache
 
     batch = training_batch(tiny_backbone, SHORT_TEXTS)
-    deep = prefix_from_embeddings(tiny_backbone, torch.randn(3, tiny_backbone.d_model) * 0.5).requires_grad_()
+    deep = tiny_backbone.deep_prompt_from_embeddings(torch.randn(3, tiny_backbone.d_model) * 0.5).requires_grad_()
     results = [checkpointed_step(tiny_backbone, batch, deep, checkpointing,
-                                 lambda: dict(prompt_kv=prefix_cache(tiny_backbone, deep, "prefix")))
+                                 lambda: dict(cache=prompt_cache(tiny_backbone, "prefix", deep)))
                for checkpointing in (False, True)]
     assert_same_step(results[1], results[0])
     assert (results[0][2], results[1][2]) == (False, True)

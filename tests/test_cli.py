@@ -156,8 +156,8 @@ def test_serve_and_predict_through_the_server(tiny_model_dir, tmp_path, capsys):
     import httpx
     import torch
 
-    from softprompt.backbone import load_model
     from softprompt.evaluate import predict
+    from softprompt.loader import load_model
     from softprompt.tasks import TaskSpec
 
     backbone = load_model(str(tiny_model_dir), precision="fp32")

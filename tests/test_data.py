@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from softprompt.data import Encoder, Example, load_dataset, read_rows, to_examples
+from softprompt.data import Example, TaskTokenizer, load_dataset, read_rows, to_examples
 from softprompt.errors import SoftPromptError
 from softprompt.tasks import TaskSpec
 
@@ -71,29 +71,29 @@ def test_two_input_template(tmp_path, llama_backbone):
     task = TaskSpec(template="{premise}\nQuestion: {hypothesis}?", labels=["no", "yes"])
     path = write(tmp_path / "nli.jsonl", json.dumps({"premise": "a dog", "hypothesis": "a cat", "label": 0}) + "\n")
     (example,) = to_examples(read_rows(path), task)
-    item = Encoder(llama_backbone, task).encode(example)
+    item = TaskTokenizer(llama_backbone, task).encode(example)
     assert llama_backbone.tokenizer.decode(item.input_ids) == "a dog\nQuestion: a cat?"
 
 
 def test_truncation_keeps_template_tail_and_counts(llama_backbone):
-    encoder = Encoder(llama_backbone, TASK, max_input_tokens=12)
+    task_tokenizer = TaskTokenizer(llama_backbone, TASK, max_input_tokens=12)
     long = Example({"text": "the quick brown fox jumps over the lazy dog " * 5}, 1, None, "row")
     short = Example({"text": "wit"}, 0, None, "row")
-    long_item, short_item = encoder.encode_all([long, short])
+    long_item, short_item = task_tokenizer.encode_all([long, short])
     assert long_item.truncated and not short_item.truncated
     assert len(long_item.input_ids) == 12
     assert llama_backbone.tokenizer.decode(long_item.input_ids).endswith("\nSentiment:")
-    assert long_item.input_ids[-len(encoder.tail_ids):] == encoder.tail_ids
+    assert long_item.input_ids[-len(task_tokenizer.tail_ids):] == task_tokenizer.tail_ids
 
 
 def test_multi_token_labels_get_one_row_per_label(llama_backbone):
     task = TaskSpec(template="{text} =", labels=["comp.graphics", "lazy dog"])
-    encoder = Encoder(llama_backbone, task)
-    items = encoder.encode_all([Example({"text": "a"}, 0, None, "r"), Example({"text": "b c"}, 1, None, "r")])
-    batch, groups = encoder.scoring_batch(items)
+    task_tokenizer = TaskTokenizer(llama_backbone, task)
+    items = task_tokenizer.encode_all([Example({"text": "a"}, 0, None, "r"), Example({"text": "b c"}, 1, None, "r")])
+    batch, groups = task_tokenizer.scoring_batch(items)
     assert batch.input_ids.shape[0] == 4
     assert sorted(set(groups.tolist())) == [0, 1, 2, 3]
-    assert len(groups) == sum(len(ids) for ids in encoder.label_ids) * 2
+    assert len(groups) == sum(len(ids) for ids in task_tokenizer.label_ids) * 2
 
 
 def test_builtin_rotten_tomatoes_split_is_fixed_and_disjoint():

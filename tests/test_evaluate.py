@@ -1,6 +1,6 @@
 import torch
 
-from softprompt.data import Encoder, Example
+from softprompt.data import Example, TaskTokenizer
 from softprompt.evaluate import classification_report, evaluate, label_scores, predict
 from softprompt.prompt import SoftPrompt
 from softprompt.tasks import TaskSpec
@@ -20,11 +20,11 @@ def test_report_counts_and_macro_f1():
 
 def test_multi_token_label_score_is_sum_of_token_logprobs(llama_backbone):
     task = TaskSpec(template="{text} =", labels=["lazy dog", "comp.graphics"])
-    encoder = Encoder(llama_backbone, task)
-    (item,) = encoder.encode_all([Example({"text": "the quick brown fox"}, 0, None, "r")])
-    scores = label_scores(llama_backbone, encoder, [item])
+    task_tokenizer = TaskTokenizer(llama_backbone, task)
+    (item,) = task_tokenizer.encode_all([Example({"text": "the quick brown fox"}, 0, None, "r")])
+    scores = label_scores(llama_backbone, task_tokenizer, [item])
     with torch.no_grad():
-        for label, ids in enumerate(encoder.label_ids):
+        for label, ids in enumerate(task_tokenizer.label_ids):
             sequence = torch.tensor([item.input_ids + ids])
             logprobs = llama_backbone.model(input_ids=sequence).logits.log_softmax(-1)[0]
             start = len(item.input_ids) - 1
@@ -33,11 +33,11 @@ def test_multi_token_label_score_is_sum_of_token_logprobs(llama_backbone):
 
 
 def test_scores_do_not_depend_on_batch_composition(llama_backbone):
-    encoder = Encoder(llama_backbone, TASK)
+    task_tokenizer = TaskTokenizer(llama_backbone, TASK)
     texts = ["a", "the quick brown fox jumps", "wit and life", "dull"]
-    items = encoder.encode_all([Example({"text": t}, 0, None, "r") for t in texts])
-    together = label_scores(llama_backbone, encoder, items, batch_size=4)
-    alone = torch.cat([label_scores(llama_backbone, encoder, [item]) for item in items])
+    items = task_tokenizer.encode_all([Example({"text": t}, 0, None, "r") for t in texts])
+    together = label_scores(llama_backbone, task_tokenizer, items, batch_size=4)
+    alone = torch.cat([label_scores(llama_backbone, task_tokenizer, [item]) for item in items])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
 
 
@@ -67,8 +67,8 @@ def test_generation_exact_match(llama_backbone):
     example = Example({"question": "what is two plus two?"}, None, "placeholder", "r")
     from softprompt.evaluate import generate
 
-    encoder = Encoder(llama_backbone, task)
-    (text,) = generate(llama_backbone, encoder, encoder.encode_all([example]), None, max_new_tokens=4)
+    task_tokenizer = TaskTokenizer(llama_backbone, task)
+    (text,) = generate(llama_backbone, task_tokenizer, task_tokenizer.encode_all([example]), None, max_new_tokens=4)
     example.target = text  # the model's own greedy answer is, by definition, an exact match
     report = evaluate(llama_backbone, [example, Example(example.fields, None, text + " wrong", "r")], task=task,
                       max_new_tokens=4)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
 
-from softprompt.data import Encoder, Example
+from softprompt.data import Example, TaskTokenizer
 from softprompt.errors import SoftPromptError
 from softprompt.evaluate import predict
 from softprompt.interop import export_peft, export_prompt_embeds, import_npy, import_peft, request_embeddings
@@ -20,11 +20,11 @@ EXAMPLES = [Example({"text": t}, None, None, "r") for t in ["a great movie", "du
 
 def peft_probabilities(backbone, peft_model, k):
     """PEFT's own forward: label-token probabilities at the last input position."""
-    encoder = Encoder(backbone, TASK)
-    labels = torch.tensor([ids[0] for ids in encoder.label_ids])
+    task_tokenizer = TaskTokenizer(backbone, TASK)
+    labels = torch.tensor([ids[0] for ids in task_tokenizer.label_ids])
     rows = []
     with torch.no_grad():
-        for item in encoder.encode_all(EXAMPLES):
+        for item in task_tokenizer.encode_all(EXAMPLES):
             logits = peft_model(input_ids=torch.tensor([item.input_ids])).logits[0, -1]
             rows.append(logits.log_softmax(-1)[labels].softmax(0))
     return torch.stack(rows)
@@ -83,7 +83,7 @@ def test_request_embeddings_fed_as_inputs_embeds_reproduce_our_scores(tmp_path, 
     backbone = make_backbone(arch)
     prompt = SoftPrompt(torch.randn(4, backbone.d_model) * 0.5, backbone.name, backbone.fingerprint, TASK)
     requests = request_embeddings(backbone, prompt, EXAMPLES)
-    label_ids = Encoder(backbone, TASK).label_ids
+    label_ids = TaskTokenizer(backbone, TASK).label_ids
     rows = []
     with torch.no_grad():
         for embeds in requests:  # a plain full forward, no softprompt code: what an engine does with the tensor
@@ -95,7 +95,8 @@ def test_request_embeddings_fed_as_inputs_embeds_reproduce_our_scores(tmp_path, 
                 scores.append(sum(logprobs[i, token] for i, token in enumerate(ids)))
             rows.append(torch.stack(scores).softmax(0))
     torch.testing.assert_close(torch.stack(rows), ours_probabilities(backbone, prompt), atol=1e-5, rtol=1e-4)
-    assert len(requests[0]) == len(backbone.bos_ids) + 4 + len(Encoder(backbone, TASK).encode(EXAMPLES[0]).input_ids)
+    first = TaskTokenizer(backbone, TASK).encode(EXAMPLES[0])
+    assert len(requests[0]) == len(backbone.bos_ids) + 4 + len(first.input_ids)
 
     path = export_prompt_embeds(prompt, backbone, tmp_path / "p.embeds.safetensors")
     with safe_open(str(path), framework="pt") as handle:
@@ -107,9 +108,8 @@ def test_request_embeddings_fed_as_inputs_embeds_reproduce_our_scores(tmp_path, 
 
 
 def test_deep_prompts_cannot_become_request_embeddings(llama_backbone):
-    from softprompt.prompt import prefix_from_embeddings
 
     deep = SoftPrompt(None, llama_backbone.name, llama_backbone.fingerprint, TASK,
-                      prefix=prefix_from_embeddings(llama_backbone, torch.randn(3, llama_backbone.d_model)))
+                      key_values=llama_backbone.deep_prompt_from_embeddings(torch.randn(3, llama_backbone.d_model)))
     with pytest.raises(SoftPromptError, match="prompt_embeds input holds input embeddings; this is a prefix"):
         request_embeddings(llama_backbone, deep, EXAMPLES)

@@ -9,6 +9,7 @@ from test_backbone import TEXTS, training_batch
 from torch import nn
 
 from softprompt import lean_backward
+from softprompt.routes import Route
 
 
 def lean_modules(model: nn.Module) -> int:
@@ -23,7 +24,8 @@ def recognised_modules(model: nn.Module) -> int:
 def scores_and_prompt_gradient(backbone, prompts, path):
     batch = training_batch(backbone, TEXTS)
     trainable = prompts.clone().requires_grad_(True)
-    logprobs = backbone.target_logprobs(batch, trainable, torch.tensor([0, 1, 1, 0]), path=path)
+    logprobs = backbone.target_logprobs(batch, trainable, torch.tensor([0, 1, 1, 0]),
+                                        route=None if path == "cached" else Route.CONCAT)
     (grad,) = torch.autograd.grad(-logprobs.sum(), trainable)
     return logprobs.detach(), grad
 
@@ -106,7 +108,8 @@ def test_trainable_weights_take_their_own_forward():
     for backbone in (lean, reference):
         backbone.model.requires_grad_(True)
         batch = training_batch(backbone, TEXTS)
-        backbone.target_logprobs(batch, path="concat", prompts=torch.zeros(1, 2, backbone.d_model)).sum().backward()
+        prompts = torch.zeros(1, 2, backbone.d_model)
+        backbone.target_logprobs(batch, route=Route.CONCAT, prompts=prompts).sum().backward()
         layer = backbone.model.model.layers[0]
         gradients.append((layer.input_layernorm.weight.grad, layer.mlp.up_proj.weight.grad))
     for lean_grad, reference_grad in zip(*gradients):

@@ -34,7 +34,7 @@ def test_cache_root_follows_env(tmp_path, monkeypatch):
 def test_local_directory_loads(tmp_path):
     from conftest import make_backbone
 
-    from softprompt.backbone import load_model
+    from softprompt.loader import load_model
 
     tiny = make_backbone("qwen2")
     tiny.model.save_pretrained(tmp_path)

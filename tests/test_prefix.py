@@ -7,7 +7,7 @@ from softprompt.bank import PromptBank
 from softprompt.data import Example
 from softprompt.errors import SoftPromptError
 from softprompt.evaluate import evaluate, predict
-from softprompt.prompt import SoftPrompt, prefix_from_embeddings
+from softprompt.prompt import SoftPrompt
 from softprompt.tasks import TaskSpec
 from softprompt.train import TrainConfig, train
 
@@ -21,14 +21,14 @@ def shallow_and_deep(backbone, length=4):
     embeddings = torch.randn(length, backbone.d_model)
     shallow = SoftPrompt(embeddings, backbone.name, backbone.fingerprint, TASK)
     deep = SoftPrompt(None, backbone.name, backbone.fingerprint, TASK,
-                      prefix=prefix_from_embeddings(backbone, embeddings).cpu())
+                      key_values=backbone.deep_prompt_from_embeddings(embeddings).cpu())
     return shallow, deep
 
 
 def test_prefix_from_a_prompt_scores_like_the_prompt(tiny_backbone):
     shallow, deep = shallow_and_deep(tiny_backbone)
-    layers, heads, head_dim = tiny_backbone.key_value_shape
-    assert deep.method == "prefix" and list(deep.prefix.shape) == [layers, 2, heads, 4, head_dim]
+    layers, heads, head_dim = tiny_backbone.deep_prompt_shape(1)[::2]
+    assert deep.method == "prefix" and list(deep.key_values.shape) == [layers, 2, heads, 4, head_dim]
     for a, b in zip(predict(tiny_backbone, shallow, EXAMPLES), predict(tiny_backbone, deep, EXAMPLES)):
         for label in a.scores:
             assert abs(a.scores[label] - b.scores[label]) < 1e-5
@@ -58,8 +58,8 @@ def test_reparameterized_prefix_starts_where_the_plain_one_does_and_saves_only_t
     assert mlp.history[0]["valid_accuracy"] == plain.history[0]["valid_accuracy"]
     assert mlp.history[-1]["loss"] < mlp.history[1]["loss"]
     loaded = SoftPrompt.load(tmp_path / "mlp.safetensors")
-    assert loaded.method == "prefix" and loaded.prefix.shape == plain.prompt.prefix.shape
-    layers, heads, head_dim = llama_backbone.key_value_shape
+    assert loaded.method == "prefix" and loaded.key_values.shape == plain.prompt.key_values.shape
+    layers, heads, head_dim = llama_backbone.deep_prompt_shape(1)[::2]
     d = llama_backbone.d_model
     # E [3, d] + Linear(d, 32) + Linear(32, layers * 2 * heads * head_dim): far more than the prefix itself.
     assert loaded.training["trainable_parameters"] == 3 * d + (d * 32 + 32) + (32 + 1) * layers * 2 * heads * head_dim
@@ -71,7 +71,7 @@ def test_reparameterized_prefix_starts_where_the_plain_one_does_and_saves_only_t
 def test_bank_mixes_deep_and_shallow_prompts(llama_backbone):
     shallow, deep = shallow_and_deep(llama_backbone, length=2)
     torch.manual_seed(5)
-    deep.prefix = deep.prefix + 0.1 * torch.randn_like(deep.prefix)  # a different prompt from the shallow one
+    deep.key_values = deep.key_values + 0.1 * torch.randn_like(deep.key_values)  # not the shallow one any more
     bank = PromptBank(llama_backbone)
     bank.add("shallow", shallow)
     bank.add("deep", deep)
@@ -84,7 +84,7 @@ def test_bank_mixes_deep_and_shallow_prompts(llama_backbone):
 
 def test_prefix_shape_is_checked(llama_backbone):
     _, deep = shallow_and_deep(llama_backbone)
-    deep.prefix = deep.prefix[:, :, :1]  # one kv head instead of two
+    deep.key_values = deep.key_values[:, :, :1]  # one kv head instead of two
     with pytest.raises(SoftPromptError, match=r"has shape \[2, 2, 1, 4, 8\]; 'tiny-llama' needs \[2, 2, 2, 4, 8\]"):
         deep.check_backbone(llama_backbone)
 

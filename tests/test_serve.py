@@ -158,9 +158,10 @@ def test_concurrent_generate_requests_share_batches_across_prompts(client, serve
     for body, text in zip(bodies, texts):
         fields = {"question": body["inputs"][0]}
         assert text == bank.generate(body["prompt"], [fields], body["max_new_tokens"])[0]
-        encoder = bank.entry(body["prompt"]).encoder
-        items = encoder.encode_all([Example(fields, None, None, "r")])
-        assert text == generate(llama_backbone, encoder, items, prompts[body["prompt"]], body["max_new_tokens"])[0]
+        task_tokenizer = bank.entry(body["prompt"]).task_tokenizer
+        items = task_tokenizer.encode_all([Example(fields, None, None, "r")])
+        prompt = prompts[body["prompt"]]
+        assert text == generate(llama_backbone, task_tokenizer, items, prompt, body["max_new_tokens"])[0]
     metrics = client.get("/metrics").text
     batches = int(next(line.split()[-1] for line in metrics.splitlines()
                        if line.startswith("softprompt_generate_batches_total")))
@@ -192,7 +193,7 @@ def test_ensemble_endpoint(client):
         ({"prompt": "sentiment"}, 422, "inputs"),
         ({"prompt": "sentiment", "inputs": []}, 422, "inputs"),
         ({"prompt": "nli", "inputs": ["just text"]}, 422, "has fields ['premise', 'hypothesis']"),
-        ({"prompt": "nli", "inputs": [{"premise": "a"}]}, 422, "missing field 'hypothesis'"),
+        ({"prompt": "nli", "inputs": [{"premise": "a"}]}, 422, "template field 'hypothesis' is not in the row"),
         ({"prompt": "sentiment", "inputs": ["x"] * 9}, 413, "the limit is 8"),
         ({"prompt": "sentiment", "inputs": ["x" * 20_001]}, 413, "the limit is 20000"),
     ],
@@ -265,9 +266,9 @@ def test_generate_endpoint(client, served, llama_backbone):
     answer = client.post("/v1/generate", json={"prompt": "qa", "inputs": ["what is two plus two?"],
                                                "max_new_tokens": 5})
     assert answer.status_code == 200
-    encoder = bank.entry("qa").encoder
-    items = encoder.encode_all([Example({"question": "what is two plus two?"}, None, None, "r")])
-    assert answer.json()["results"][0]["text"] == generate(llama_backbone, encoder, items, prompt, 5)[0]
+    task_tokenizer = bank.entry("qa").task_tokenizer
+    items = task_tokenizer.encode_all([Example({"question": "what is two plus two?"}, None, None, "r")])
+    assert answer.json()["results"][0]["text"] == generate(llama_backbone, task_tokenizer, items, prompt, 5)[0]
     wrong = client.post("/v1/classify", json={"prompt": "qa", "inputs": ["x"]})
     assert wrong.status_code == 422 and "/v1/generate" in wrong.json()["detail"]
     wrong = client.post("/v1/generate", json={"prompt": "sentiment", "inputs": ["x"]})

@@ -160,9 +160,9 @@ def test_resume_without_checkpoint_is_an_error(tmp_path, llama_backbone):
 
 
 def test_batches_group_similar_lengths_and_cover_the_data(llama_backbone):
-    from softprompt.data import Encoder
+    from softprompt.data import TaskTokenizer
 
-    items = Encoder(llama_backbone, TASK).encode_all(examples(64))
+    items = TaskTokenizer(llama_backbone, TASK).encode_all(examples(64))
     batches = batch_order(items, 8, seed=0, epoch=0)
     assert sorted(i for batch in batches for i in batch) == list(range(64))
     assert batch_order(items, 8, seed=0, epoch=0) == batches != batch_order(items, 8, seed=0, epoch=1)
@@ -199,8 +199,8 @@ def test_generation_task_trains_on_the_target_text(tmp_path, llama_backbone):
     assert 0.0 <= result.best_metric <= 1.0 and result.steps_run == 4
 
 
-@pytest.mark.parametrize("path", ["cached", "concat"])
-def test_activation_checkpointing_recomputes_layers_and_trains_the_same_prompt(tmp_path, llama_backbone, path,
+@pytest.mark.parametrize("route", ["auto", "concat"])
+def test_activation_checkpointing_recomputes_layers_and_trains_the_same_prompt(tmp_path, llama_backbone, route,
                                                                               packed_calls):
     """The default path stays packed under checkpointing (prompt and tokens in one pass); concat is the reference."""
     attention = llama_backbone.model.model.layers[0].self_attn
@@ -210,7 +210,7 @@ def test_activation_checkpointing_recomputes_layers_and_trains_the_same_prompt(t
     for checkpointing in (False, True):
         calls.clear()
         packed_calls.clear()
-        cfg = config(steps=3, eval_every=3, path=path, activation_checkpointing=checkpointing)
+        cfg = config(steps=3, eval_every=3, route=route, activation_checkpointing=checkpointing)
         runs[checkpointing] = train(llama_backbone, TASK, examples(16), examples(4, 50),
                                     tmp_path / f"{checkpointing}.safetensors", cfg, show_progress=False)
         runs[checkpointing, "calls"], runs[checkpointing, "packed"] = len(calls), len(packed_calls)
@@ -218,15 +218,15 @@ def test_activation_checkpointing_recomputes_layers_and_trains_the_same_prompt(t
     torch.testing.assert_close(runs[True].prompt.embeddings, runs[False].prompt.embeddings, atol=1e-6, rtol=0)
     assert runs[True, "calls"] == runs[False, "calls"] + 3  # each training step ran layer 0's attention twice
     layers = llama_backbone.model.config.num_hidden_layers
-    assert runs[False, "packed"] == (3 * layers if path == "cached" else 0)
+    assert runs[False, "packed"] == (3 * layers if route == "auto" else 0)
     assert runs[True, "packed"] == 2 * runs[False, "packed"]
     assert not llama_backbone.model.model.layers[0].training  # switched back off after training
 
 
 def test_checkpointed_deep_prompts_need_plain_tensor_prefixes(tmp_path, llama_backbone):
-    llama_backbone.prefix_attention = False  # as for a family whose attention only takes a cache object
-    with pytest.raises(SoftPromptError, match="--activation-checkpointing with --method prefix supports .*llama.*"
-                                              "'llama' model"):
+    llama_backbone.takes_plain_prompt_tensors = False  # as for a family whose attention only takes a cache object
+    with pytest.raises(SoftPromptError, match="--activation-checkpointing with --method prefix needs a causal LM whose "
+                                              "attention takes the prompt as plain tensors .*llama.*'llama'"):
         train(llama_backbone, TASK, examples(8), examples(4, 50), tmp_path / "p.safetensors",
               config(method="prefix", activation_checkpointing=True), show_progress=False)
 

@@ -1,9 +1,10 @@
 """softprompt: prompt tuning (Lester et al. 2021) for frozen language models."""
 
-from .backbone import Backbone, load_model
+from .backbone import Backbone
 from .data import Dataset, Example, load_dataset
 from .errors import SoftPromptError
 from .evaluate import Prediction, Report, evaluate, predict
+from .loader import load_model
 from .prompt import SoftPrompt
 from .tasks import TaskSpec
 from .train import TrainConfig, TrainResult, train

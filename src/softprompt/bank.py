@@ -1,7 +1,7 @@
 """PromptBank: many prompts for ONE frozen model, served together in mixed-task batches.
 
 Each prompt's keys/values are computed once when it is loaded (so prompt length costs almost nothing per request)
-and stacked into one padded PrefixCache; a batch gathers one prompt per row. `reload()` rescans the directory and
+and stacked into one padded PromptCache; a batch gathers one prompt per row. `reload()` rescans the directory and
 swaps in a new immutable snapshot, so requests already running finish on the old one and none is dropped.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .backbone import Backbone, PrefixCache
-from .data import Encoder, Example, scoring_batch
+from .backbone import Backbone, PromptCache
+from .data import Example, TaskTokenizer, scoring_batch
 from .errors import SoftPromptError
 from .evaluate import Prediction, generate_texts, padding_bounded_batches
 from .prompt import SoftPrompt
@@ -31,8 +31,8 @@ class UnknownPrompt(SoftPromptError):
 class Entry:
     name: str
     prompt: SoftPrompt
-    encoder: Encoder
-    index: int  # row of this prompt in the snapshot's PrefixCache
+    task_tokenizer: TaskTokenizer
+    index: int  # row of this prompt in the snapshot's PromptCache
     width: int  # its real slots there (BOS + prompt), the rest is left padding
     stamp: tuple[int, int]  # (mtime_ns, size) of the file it came from
 
@@ -40,7 +40,7 @@ class Entry:
 @dataclass(frozen=True)
 class Snapshot:
     entries: dict[str, Entry]
-    cache: PrefixCache | None
+    cache: PromptCache | None
     rejected: dict[str, str]  # file name -> reason it is not served
 
 
@@ -52,9 +52,7 @@ class PromptBank:
     is mostly its kernel launches."""
 
     def __init__(self, backbone: Backbone, max_input_tokens: int = 256, max_padding: float | None = None):
-        if backbone.is_seq2seq:  # (encoder-only models work: their prompts travel as tensors, see encoder_model.py)
-            raise SoftPromptError("a PromptBank caches each prompt's keys/values, which encoder-decoder models do "
-                                  "not have (their encoder sees prompt and input together); serve causal LMs")
+        backbone.require("mix_prompts", "a PromptBank (mixed-prompt batches)")
         self.backbone = backbone
         self.max_input_tokens = max_input_tokens
         if max_padding is None:
@@ -116,10 +114,10 @@ class PromptBank:
     def _build(self, prompts: dict[str, tuple[SoftPrompt, tuple[int, int]]], rejected: dict[str, str]) -> Snapshot:
         entries, caches = {}, []
         for index, (name, (prompt, stamp)) in enumerate(prompts.items()):
-            encoder = Encoder(self.backbone, prompt.task, self.max_input_tokens)
-            caches.append(prompt.prefix_cache(self.backbone))
-            entries[name] = Entry(name, prompt, encoder, index, caches[-1].width, stamp)
-        return Snapshot(entries, PrefixCache.stack(caches) if caches else None, rejected)
+            task_tokenizer = TaskTokenizer(self.backbone, prompt.task, self.max_input_tokens)
+            caches.append(prompt.cache(self.backbone))
+            entries[name] = Entry(name, prompt, task_tokenizer, index, caches[-1].width, stamp)
+        return Snapshot(entries, PromptCache.stack(caches) if caches else None, rejected)
 
     def entry(self, name: str, snapshot: Snapshot | None = None) -> Entry:
         entries = (snapshot or self.snapshot).entries
@@ -133,7 +131,7 @@ class PromptBank:
         a few of similar-length rows (`max_padding`)."""
         snapshot = self.snapshot  # one consistent view even if a reload lands meanwhile
         entries = self._checked_entries(snapshot, requests, classify=True)
-        items = [(e.encoder.label_ids, e.encoder.encode(Example(fields, None, None, "request")))
+        items = [(e.task_tokenizer.label_ids, e.task_tokenizer.encode(Example(fields, None, None, "request")))
                  for e, (_, fields) in zip(entries, requests)]
         scored = {}
         for part in padding_bounded_batches([len(item.input_ids) for _, item in items], self.max_padding):
@@ -141,7 +139,7 @@ class PromptBank:
         return [scored[index] for index in range(len(items))]
 
     @staticmethod
-    def _batch_slots(snapshot: Snapshot, entries: list[Entry]) -> PrefixCache:
+    def _batch_slots(snapshot: Snapshot, entries: list[Entry]) -> PromptCache:
         """The bank's cache cut to the slots this batch's prompts fill, not the bank's longest prompt."""
         if not snapshot.cache.layers:
             return snapshot.cache
@@ -153,15 +151,13 @@ class PromptBank:
         batch, groups, owners = scoring_batch(items, self.backbone.pad_id)
         prompt_index = torch.tensor([e.index for e in entries], device=self.backbone.device)[owners]
         cache = self._batch_slots(snapshot, entries)
-        logprobs = self.backbone.target_logprobs(batch, prompt_index=prompt_index, prompt_kv=cache).cpu()
+        logprobs = self.backbone.target_logprobs(batch, prompt_index=prompt_index, cache=cache).cpu()
         flat = torch.zeros(int(groups.max()) + 1).index_add_(0, groups, logprobs)
         predictions, offset = [], 0
         for entry in entries:
             labels = entry.prompt.task.labels
-            probabilities = flat[offset : offset + len(labels)].softmax(0)
+            predictions.append(Prediction.of_scores(labels, flat[offset : offset + len(labels)]))
             offset += len(labels)
-            predictions.append(Prediction(labels[int(probabilities.argmax())],
-                                          {label: float(p) for label, p in zip(labels, probabilities)}))
         return predictions
 
     def generate(self, name: str, rows: list[dict[str, str]], max_new_tokens: int = 64) -> list[str]:
@@ -174,9 +170,9 @@ class PromptBank:
         the rows decode together, each after its own prompt (`Backbone.generate`)."""
         snapshot = self.snapshot  # one consistent view even if a reload lands meanwhile
         entries = self._checked_entries(snapshot, [(name, fields) for name, fields, _ in requests], classify=False)
-        items = [e.encoder.encode(Example(fields, None, None, "request"))
+        items = [e.task_tokenizer.encode(Example(fields, None, None, "request"))
                  for e, (_, fields, _) in zip(entries, requests)]
-        return generate_texts(self.backbone, entries[0].encoder, items, self._batch_slots(snapshot, entries),
+        return generate_texts(self.backbone, entries[0].task_tokenizer, items, self._batch_slots(snapshot, entries),
                               [budget for _, _, budget in requests], prompt_index=[e.index for e in entries])
 
     def _checked_entries(self, snapshot: Snapshot, requests: list[tuple[str, dict[str, str]]],
@@ -185,12 +181,7 @@ class PromptBank:
         entries = []
         for name, fields in requests:
             entry = self.entry(name, snapshot)
-            if entry.prompt.task.is_classification != classify:
-                raise SoftPromptError(f"prompt {name!r} generates text: use generate (POST /v1/generate)" if classify
-                                      else f"prompt {name!r} is a classifier: use classify (POST /v1/classify)")
-            missing = entry.prompt.task.missing_field(fields)
-            if missing:
-                raise SoftPromptError(f"prompt {name!r} needs field {missing!r} (template fields: "
-                                      f"{', '.join(entry.prompt.task.fields)})")
+            entry.prompt.task.require_kind(classify, name)
+            entry.prompt.task.template_values(fields, f"prompt {name!r}")
             entries.append(entry)
         return entries

@@ -12,13 +12,13 @@ from rich.console import Console
 from rich.table import Table
 
 from . import models as model_registry
-from .backbone import Backbone, load_model
+from .backbone import Backbone
 from .data import BUILTIN_DATASETS, Dataset, Example, load_dataset, load_file_examples
 from .distributed import init_from_environment, is_main, launch, world_size
 from .errors import SoftPromptError
 from .evaluate import Report, evaluate
 from .evaluate import predict as predict_examples
-from .model_tuning import tune_model
+from .loader import load_model, parse_device_map
 from .prompt import SoftPrompt
 from .tasks import unescape
 from .train import TrainConfig
@@ -40,20 +40,7 @@ DeviceMapOption = Annotated[str | None, typer.Option(
 
 
 def _load(model: str | None, precision: str, device_map: str | None = None) -> Backbone:
-    if device_map is None:
-        return load_model(model, precision)
-    parsed = device_map
-    if device_map.lstrip().startswith("{"):
-        try:
-            parsed = json.loads(device_map)
-        except json.JSONDecodeError as error:
-            raise SoftPromptError(f"--device-map is not valid JSON: {error}") from None
-    elif device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
-        raise SoftPromptError(f"--device-map {device_map!r}: use auto, balanced, sequential or a JSON map")
-    import tempfile
-
-    offload = tempfile.mkdtemp(prefix="softprompt-offload-")  # only used by modules mapped to "disk"
-    return load_model(model, precision, device_map=parsed, offload_folder=offload)
+    return load_model(model, precision, device_map=parse_device_map(device_map))
 
 
 def _labels(labels: str | None) -> list[str] | None:
@@ -150,7 +137,8 @@ def train(
         _show_report(zero_shot, f"hand-written prompt {dataset.task.template!r} on test")
     config = TrainConfig(prompt_length=prompt_length, init=init, optimizer=optimizer, lr=lr, batch_size=batch_size,
                          steps=steps, eval_every=eval_every, patience=patience, valid_limit=valid_limit or None,
-                         max_input_tokens=max_length, seed=seed, path=path, objective=objective, schedule=schedule,
+                         max_input_tokens=max_length, seed=seed, route="concat" if path == "concat" else "auto",
+                         objective=objective, schedule=schedule,
                          method=method, reparameterize=reparameterize,
                          activation_checkpointing=activation_checkpointing, compile=compile_stack,
                          compile_mode=compile_mode)
@@ -174,7 +162,7 @@ def train(
 
 def _tune_model(backbone: Backbone, dataset: Dataset, out: Path, config: TrainConfig, max_length: int) -> None:
     """The model-tuning baseline: `out` becomes a checkpoint directory that `--model` accepts."""
-    result = tune_model(backbone, dataset.task, dataset.train, dataset.validation, out, config)
+    result = train_prompt(backbone, dataset.task, dataset.train, dataset.validation, out, config)
     console.print(f"best validation accuracy {result.best_metric:.4f} at step {result.best_step} "
                   f"({result.steps_run} steps{', stopped early' if result.stopped_early else ''})")
     if dataset.test:
@@ -267,10 +255,7 @@ def predict_command(
         from .data import read_rows
 
         for where, row in read_rows(data):
-            missing = task.missing_field(row)
-            if missing:
-                raise SoftPromptError(f"{where}: template field {missing!r} is not in the row")
-            examples.append(Example({name: str(row[name]) for name in task.fields}, None, None, where))
+            examples.append(Example(task.template_values(row, where), None, None, where))
     for number, text in enumerate(texts or [], start=1):
         if len(task.fields) != 1:
             raise SoftPromptError(f"the template has fields {task.fields}: pass inputs with --data")

@@ -166,12 +166,7 @@ def to_examples(rows: list[tuple[str, dict]], task: TaskSpec) -> list[Example]:
     """Check every row against the task (fields, labels) and resolve labels to indices."""
     examples = []
     for where, row in rows:
-        missing = task.missing_field(row)
-        if missing:
-            raise SoftPromptError(
-                f"{where}: template field {missing!r} is not in the row (fields: {', '.join(map(str, row))})"
-            )
-        fields = {name: str(row[name]) for name in task.fields}
+        fields = task.template_values(row, where)
         if task.label_field not in row:
             raise SoftPromptError(f"{where}: row has no field {task.label_field!r} (fields: {', '.join(row)})")
         value = row[task.label_field]
@@ -369,14 +364,14 @@ def is_builtin(name: str) -> bool:
 
 
 @dataclass
-class Encoded:
+class TokenizedExample:
     input_ids: list[int]
     label: int | None
     target_ids: list[int]  # the gold continuation: the label's verbalizer, or the generation target + EOS
     truncated: bool
 
 
-class Encoder:
+class TaskTokenizer:
     """Turns examples into token ids for one backbone and task; input longer than `max_input_tokens` is cut.
 
     Truncation rule: the template's tail after the last placeholder (e.g. "\\nSentiment:") is always kept; the
@@ -391,18 +386,16 @@ class Encoder:
         self.tail_ids = backbone.tokenize(self.tail_template) if self.tail_template else []
         if len(self.tail_ids) >= max_input_tokens:
             raise SoftPromptError(f"max input length {max_input_tokens} leaves no room for the template's tail")
-        eos = backbone.tokenizer.eos_token_id
-        self.eos_ids = [eos] if eos is not None else []
-        if backbone.is_encoder_only:  # a head scores labels: each "label token" is the label's index
+        if backbone.scores_with_label_head:  # a head scores labels: each "label token" is the label's index
             if not task.is_classification:
-                raise SoftPromptError(f"task {task.name!r} generates text; an encoder-only model can only classify")
+                raise SoftPromptError(f"task {task.name!r} generates text; an encoder classifier can only classify")
             self.label_ids = [[index] for index in range(len(task.labels))]
         else:
             self.label_ids = [backbone.tokenize(word) for word in task.verbalizer] if task.is_classification else []
         if any(not ids for ids in self.label_ids):
             raise SoftPromptError(f"a verbalizer entry tokenizes to nothing: {task.verbalizer}")
 
-    def encode(self, example: Example) -> Encoded:
+    def encode(self, example: Example) -> TokenizedExample:
         head = self.head_template.format(**example.fields)
         head_ids = self.backbone.tokenize(head)
         room = self.max_input_tokens - len(self.tail_ids)
@@ -411,13 +404,13 @@ class Encoder:
         if self.task.is_classification:
             target = self.label_ids[example.label] if example.label is not None else []
         else:
-            target = self.backbone.tokenize(example.target) + self.eos_ids if example.target is not None else []
-        return Encoded(ids, example.label, target, truncated)
+            target = [] if example.target is None else self.backbone.tokenize(example.target) + self.backbone.eos_ids
+        return TokenizedExample(ids, example.label, target, truncated)
 
-    def encode_all(self, examples: Iterable[Example]) -> list[Encoded]:
+    def encode_all(self, examples: Iterable[Example]) -> list[TokenizedExample]:
         return [self.encode(example) for example in examples]
 
-    def training_batch(self, items: list[Encoded]) -> TokenBatch:
+    def training_batch(self, items: list[TokenizedExample]) -> TokenBatch:
         """Teacher forcing: rows are input + gold continuation (minus its last token); loss on the continuation."""
         rows, targets = [], []
         for row, item in enumerate(items):
@@ -426,7 +419,7 @@ class Encoder:
             targets += [(row, start + offset, token) for offset, token in enumerate(item.target_ids)]
         return token_batch(rows, targets, self.backbone.pad_id)
 
-    def scoring_batch(self, items: list[Encoded]) -> tuple[TokenBatch, torch.Tensor]:
+    def scoring_batch(self, items: list[TokenizedExample]) -> tuple[TokenBatch, torch.Tensor]:
         """Every label's continuation for every item; returns the batch and, per target token, its
         (item * num_labels + label) group, so scores = sum of token log-probs per group."""
         batch, groups, _ = scoring_batch([(self.label_ids, item) for item in items], self.backbone.pad_id)
@@ -434,7 +427,7 @@ class Encoder:
 
 
 def scoring_batch(
-    entries: list[tuple[list[list[int]], Encoded]], pad_id: int
+    entries: list[tuple[list[list[int]], TokenizedExample]], pad_id: int
 ) -> tuple[TokenBatch, torch.Tensor, torch.Tensor]:
     """Rank-classification rows for items that may each have their own labels (a mixed-task batch).
 
@@ -506,34 +499,41 @@ def load_dataset(
                         verbalizer=[" " + word for word in labels] if labels else task.verbalizer)
         dataset.task = task
     else:
-        if Path(data).suffix == "" and not Path(data).exists():
-            raise unknown_dataset(data)
-        splits = _saved_splits(Path(data))
-        rows = _numbered(Path(data) / "train", splits["train"]) if splits else read_rows(data)
-        if not generation and labels is None and Path(data).is_dir():
-            labels = class_label_names(splits["train"] if splits else load_saved_dataset(Path(data)), label_field)
-        task = TaskSpec(
-            name=Path(data).stem,
-            template=template or "{" + (text_field or "text") + "}",
-            labels=None if generation else labels or infer_labels(rows, label_field),
-            label_field=label_field,
-        )
-        examples = to_examples(rows, task)
-        dataset = Dataset(task, train=examples, validation=[], test=[])
-        for name in ("validation", "valid", "dev", "test"):
-            if name in splits:
-                split = to_examples(_numbered(Path(data) / name, splits[name]), task)
-                if name == "test":
-                    dataset.test = split
-                elif not dataset.validation:
-                    dataset.validation = split
-        if valid is None and not dataset.validation:
-            held_out = min(1000, max(1, int(len(examples) * valid_fraction))) if valid_fraction > 0 else 0
-            shuffled = examples[:]
-            random.Random(SPLIT_SEED).shuffle(shuffled)
-            dataset.validation, dataset.train = shuffled[:held_out], shuffled[held_out:]
-            dataset.notes = f"validation: {held_out} rows held out of {data} (seed {SPLIT_SEED})"
+        dataset = _files_dataset(data, template, labels, text_field, label_field, valid, valid_fraction, generation)
     return _with_files(dataset, valid, test)
+
+
+def _files_dataset(data: str, template: str | None, labels: list[str] | None, text_field: str | None,
+                   label_field: str, valid: str | None, valid_fraction: float, generation: bool) -> Dataset:
+    """`load_dataset` for a file or a saved dataset directory (see there)."""
+    if Path(data).suffix == "" and not Path(data).exists():
+        raise unknown_dataset(data)
+    splits = _saved_splits(Path(data))
+    rows = _numbered(Path(data) / "train", splits["train"]) if splits else read_rows(data)
+    if not generation and labels is None and Path(data).is_dir():
+        labels = class_label_names(splits["train"] if splits else load_saved_dataset(Path(data)), label_field)
+    task = TaskSpec(
+        name=Path(data).stem,
+        template=template or "{" + (text_field or "text") + "}",
+        labels=None if generation else labels or infer_labels(rows, label_field),
+        label_field=label_field,
+    )
+    examples = to_examples(rows, task)
+    dataset = Dataset(task, train=examples, validation=[], test=[])
+    for name in ("validation", "valid", "dev", "test"):
+        if name in splits:
+            split = to_examples(_numbered(Path(data) / name, splits[name]), task)
+            if name == "test":
+                dataset.test = split
+            elif not dataset.validation:
+                dataset.validation = split
+    if valid is None and not dataset.validation:
+        held_out = min(1000, max(1, int(len(examples) * valid_fraction))) if valid_fraction > 0 else 0
+        shuffled = examples[:]
+        random.Random(SPLIT_SEED).shuffle(shuffled)
+        dataset.validation, dataset.train = shuffled[:held_out], shuffled[held_out:]
+        dataset.notes = f"validation: {held_out} rows held out of {data} (seed {SPLIT_SEED})"
+    return dataset
 
 
 def _saved_splits(path: Path) -> dict:

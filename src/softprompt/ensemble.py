@@ -13,6 +13,14 @@ from .evaluate import Prediction, classification_report
 from .prompt import SoftPrompt
 
 
+def require_shared_labels(labels: list[list[str] | None]) -> None:
+    """Votes and mean probabilities are over labels: every prompt must classify into the same ones, in order."""
+    distinct = {tuple(each or ()) for each in labels}
+    if len(distinct) != 1 or not next(iter(distinct)):
+        raise SoftPromptError(f"ensembled prompts must share labels (classifiers with the same labels in the same "
+                              f"order); got {sorted(distinct)}")
+
+
 @dataclass
 class EnsembleAnswer:
     label: str  # majority vote; ties go to the label with the higher mean probability
@@ -24,8 +32,7 @@ class EnsembleAnswer:
 def ensemble(per_prompt: list[Prediction]) -> EnsembleAnswer:
     """Combine one input's predictions from several prompts of the same task."""
     labels = list(per_prompt[0].scores)
-    if any(list(p.scores) != labels for p in per_prompt):
-        raise SoftPromptError("ensembled prompts must share the same labels in the same order")
+    require_shared_labels([list(p.scores) for p in per_prompt])
     mean = {label: sum(p.scores[label] for p in per_prompt) / len(per_prompt) for label in labels}
     votes = {label: sum(p.label == label for p in per_prompt) for label in labels}
     vote = max(labels, key=lambda label: (votes[label], mean[label]))
@@ -46,9 +53,7 @@ class EnsembleReport:
 def evaluate_ensemble(backbone: Backbone, prompts: dict[str, SoftPrompt], examples: list[Example],
                       batch_size: int = 32) -> EnsembleReport:
     """Accuracy of each prompt, of their majority vote and of their mean probabilities, in one pass per batch."""
-    labels = {tuple(prompt.task.labels or ()) for prompt in prompts.values()}
-    if len(labels) != 1 or not next(iter(labels)):
-        raise SoftPromptError(f"ensembled prompts must be classifiers with the same labels; got {sorted(labels)}")
+    require_shared_labels([prompt.task.labels for prompt in prompts.values()])
     bank = PromptBank(backbone)
     for name, prompt in prompts.items():
         bank.add(name, prompt)

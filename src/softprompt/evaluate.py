@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .backbone import Backbone, PrefixCache, generation_rows
-from .data import Encoded, Encoder, Example, scoring_batch
+from .backbone import Backbone, PromptCache, generation_rows
+from .data import Example, TaskTokenizer, TokenizedExample, scoring_batch
 from .prompt import SoftPrompt
 from .tasks import TaskSpec
 
@@ -32,7 +32,7 @@ class Report:
         return asdict(self)
 
 
-def length_sorted_batches(items: list[Encoded], batch_size: int) -> list[list[int]]:
+def length_sorted_batches(items: list[TokenizedExample], batch_size: int) -> list[list[int]]:
     """Index batches of similar input length, so little compute is spent on padding."""
     order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
@@ -54,23 +54,23 @@ def padding_bounded_batches(lengths: list[int], max_padding: float) -> list[list
 @torch.inference_mode()
 def label_scores(
     backbone: Backbone,
-    encoder: Encoder,
-    items: list[Encoded],
+    task_tokenizer: TaskTokenizer,
+    items: list[TokenizedExample],
     prompts: torch.Tensor | None = None,
     prompt_index: torch.Tensor | None = None,
     batch_size: int = 32,
-    prompt_kv: PrefixCache | None = None,
+    cache: PromptCache | None = None,
 ) -> torch.Tensor:
-    """[n, num_labels] summed log-probs. `prompts` is [P, K, d] (or give their `prompt_kv`); `prompt_index` [n]
+    """[n, num_labels] summed log-probs. `prompts` is [P, K, d] (or give their `cache`); `prompt_index` [n]
     picks one per item."""
-    num_labels = len(encoder.label_ids)
+    num_labels = len(task_tokenizer.label_ids)
     scores = torch.empty(len(items), num_labels)
     # The prompt's keys/values are the same for every item: compute them once for the whole run.
-    prompt_kv = prompt_kv if prompt_kv is not None else backbone.prompt_key_values(prompts)
+    cache = cache if cache is not None else backbone.prompt_cache(prompts)
     for indices in length_sorted_batches(items, batch_size):
-        batch, groups, owners = scoring_batch([(encoder.label_ids, items[i]) for i in indices], backbone.pad_id)
+        batch, groups, owners = scoring_batch([(task_tokenizer.label_ids, items[i]) for i in indices], backbone.pad_id)
         index = None if prompt_index is None else prompt_index[indices][owners]
-        logprobs = backbone.target_logprobs(batch, prompts, index, prompt_kv=prompt_kv).cpu()
+        logprobs = backbone.target_logprobs(batch, prompt_index=index, cache=cache).cpu()
         scores[indices] = sum_label_tokens(logprobs, groups, len(indices), num_labels)
     return scores
 
@@ -102,6 +102,15 @@ def classification_report(task: TaskSpec, gold: list[int], predicted: list[int],
                   per_class, truncated)
 
 
+def _tokenized(backbone: Backbone, prompt: SoftPrompt | None, task: TaskSpec, examples: list[Example],
+               max_input_tokens: int) -> tuple[TaskTokenizer, list[TokenizedExample], PromptCache]:
+    """What evaluate and predict share: the prompt checked against the model, the examples tokenized, the cache."""
+    if prompt is not None:
+        prompt.check_backbone(backbone)
+    task_tokenizer = TaskTokenizer(backbone, task, max_input_tokens)
+    return task_tokenizer, task_tokenizer.encode_all(examples), cache_of(backbone, prompt, task)
+
+
 def evaluate(
     backbone: Backbone,
     examples: list[Example],
@@ -113,44 +122,42 @@ def evaluate(
 ) -> Report:
     """Accuracy (and macro-F1, confusion) of the prompt, or of the hand-written template alone without one."""
     task = task or prompt.task
-    if prompt is not None:
-        prompt.check_backbone(backbone)
-    encoder = Encoder(backbone, task, max_input_tokens)
-    items = encoder.encode_all(examples)
+    task_tokenizer, items, cache = _tokenized(backbone, prompt, task, examples, max_input_tokens)
     truncated = sum(item.truncated for item in items)
     if not task.is_classification:
-        outputs = generate(backbone, encoder, items, prompt, max_new_tokens)
+        outputs = generate_texts(backbone, task_tokenizer, items, cache, max_new_tokens)
         matches = [out.strip() == ex.target.strip() for out, ex in zip(outputs, examples)]
         return Report(task.name, len(items), "exact_match", sum(matches) / len(matches), truncated=truncated)
-    scores = label_scores(backbone, encoder, items, batch_size=batch_size, prompt_kv=prefix_of(backbone, prompt, task))
+    scores = label_scores(backbone, task_tokenizer, items, batch_size=batch_size, cache=cache)
     return classification_report(task, [item.label for item in items], scores.argmax(1).tolist(), truncated)
 
 
-def generate(backbone: Backbone, encoder: Encoder, items: list[Encoded], prompt: SoftPrompt | None,
-             max_new_tokens: int) -> list[str]:
+def generate(backbone: Backbone, task_tokenizer: TaskTokenizer, items: list[TokenizedExample],
+             prompt: SoftPrompt | None, max_new_tokens: int) -> list[str]:
     """Greedy decoding; stops at EOS or a newline."""
-    return generate_texts(backbone, encoder, items, prefix_of(backbone, prompt, encoder.task), max_new_tokens)
+    cache = cache_of(backbone, prompt, task_tokenizer.task)
+    return generate_texts(backbone, task_tokenizer, items, cache, max_new_tokens)
 
 
 @torch.no_grad()
-def prefix_of(backbone: Backbone, prompt: SoftPrompt | None, task: TaskSpec | None = None) -> PrefixCache:
-    """The keys/values runs start from: BOS alone for the hand-written template (an encoder-only model: its
-    zero-shot label head for `task`), else BOS + the prompt."""
+def cache_of(backbone: Backbone, prompt: SoftPrompt | None, task: TaskSpec | None = None) -> PromptCache:
+    """What runs start from: BOS alone for the hand-written template (an encoder classifier: its zero-shot label
+    head for `task`), else BOS + the prompt."""
     if prompt is None:
-        return backbone.prompt_key_values(backbone.zero_shot_prompts(task))
-    return prompt.prefix_cache(backbone)
+        return backbone.zero_shot_cache(task)
+    return prompt.cache(backbone)
 
 
-def generate_texts(backbone: Backbone, encoder: Encoder, items: list[Encoded], prefix: PrefixCache,
-                   max_new_tokens: int | list[int], batch_size: int = 16,
+def generate_texts(backbone: Backbone, task_tokenizer: TaskTokenizer, items: list[TokenizedExample],
+                   cache: PromptCache, max_new_tokens: int | list[int], batch_size: int = 16,
                    prompt_index: list[int] | None = None) -> list[str]:
     """Greedy one-line answers, decoded in batches of similar input length. `max_new_tokens`: one budget for all
-    items or one each; `prompt_index`: each item's prompt in `prefix` (default the first)."""
-    stop = set(encoder.eos_ids) | set(backbone.tokenizer.all_special_ids) | backbone.newline_ids
+    items or one each; `prompt_index`: each item's prompt in `cache` (default the first)."""
+    stop = set(backbone.eos_ids) | set(backbone.tokenizer.all_special_ids) | backbone.newline_ids
     budgets, prompt_index = generation_rows(len(items), max_new_tokens, prompt_index)
     texts = [""] * len(items)
     for indices in length_sorted_batches(items, batch_size):
-        generated = backbone.generate([items[i].input_ids for i in indices], prefix, [budgets[i] for i in indices],
+        generated = backbone.generate([items[i].input_ids for i in indices], cache, [budgets[i] for i in indices],
                                       stop, [prompt_index[i] for i in indices])
         for index, ids in zip(indices, generated):
             texts[index] = backbone.tokenizer.decode(ids).split("\n")[0]
@@ -162,19 +169,19 @@ class Prediction:
     label: str
     scores: dict[str, float]  # probability of each label (softmax over the label scores)
 
+    @staticmethod
+    def of_scores(labels: list[str], scores: torch.Tensor) -> Prediction:
+        """The label with the highest score (ties: the first listed) and every label's softmax probability."""
+        probabilities = scores.softmax(0)
+        return Prediction(labels[int(probabilities.argmax())], {label: float(p) for label, p in
+                                                                zip(labels, probabilities)})
+
 
 def predict(backbone: Backbone, prompt: SoftPrompt | None, examples: list[Example], task: TaskSpec | None = None,
             batch_size: int = 32, max_input_tokens: int = 256) -> list[Prediction]:
     task = task or prompt.task
-    if prompt is not None:
-        prompt.check_backbone(backbone)
-    encoder = Encoder(backbone, task, max_input_tokens)
-    items = encoder.encode_all(examples)
+    task_tokenizer, items, cache = _tokenized(backbone, prompt, task, examples, max_input_tokens)
     if not task.is_classification:
-        return [Prediction(text, {}) for text in generate(backbone, encoder, items, prompt, 64)]
-    scores = label_scores(backbone, encoder, items, batch_size=batch_size, prompt_kv=prefix_of(backbone, prompt, task))
-    probabilities = scores.softmax(1)
-    return [
-        Prediction(task.labels[int(row.argmax())], {label: float(p) for label, p in zip(task.labels, row)})
-        for row in probabilities
-    ]
+        return [Prediction(text, {}) for text in generate_texts(backbone, task_tokenizer, items, cache, 64)]
+    scores = label_scores(backbone, task_tokenizer, items, batch_size=batch_size, cache=cache)
+    return [Prediction.of_scores(task.labels, row) for row in scores]

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .backbone import Backbone
-from .data import Encoder, Example
+from .data import Example, TaskTokenizer
 from .errors import SoftPromptError
 from .files import write_atomically, write_directory_atomically
 from .prompt import SoftPrompt
@@ -94,9 +94,9 @@ def _prompt(embeddings: torch.Tensor, backbone: Backbone, task: TaskSpec, init: 
 def require_input_prompt(prompt: SoftPrompt, what: str) -> None:
     if prompt.method != "prompt":
         raise SoftPromptError(f"{what} holds input embeddings; this is a {prompt.method} (deep) prompt")
-    if prompt.head is not None:
+    if prompt.label_head is not None:
         raise SoftPromptError(f"{what} holds input embeddings only; this prompt also has a label head for an "
-                              "encoder-only model")
+                              "encoder classifier")
 
 
 # ---------- per-request input embeddings (vLLM prompt_embeds, transformers inputs_embeds) ----------
@@ -111,11 +111,11 @@ def request_embeddings(backbone: Backbone, prompt: SoftPrompt, examples: list[Ex
     takes whole-request embeddings needs nothing else to run the soft prompt."""
     require_input_prompt(prompt, "an engine's prompt_embeds input")
     prompt.check_backbone(backbone)
-    encoder = Encoder(backbone, prompt.task, max_input_tokens)
+    task_tokenizer = TaskTokenizer(backbone, prompt.task, max_input_tokens)
     with torch.no_grad():
-        prefix = backbone.prefix_embeddings(prompt.embeddings.to(backbone.device).unsqueeze(0))[0]
+        prefix = backbone.prompt_embeddings(prompt.embeddings.to(backbone.device).unsqueeze(0))[0]
         return [torch.cat([prefix, backbone.embed(torch.tensor(item.input_ids, device=backbone.device))]).float().cpu()
-                for item in encoder.encode_all(examples)]
+                for item in task_tokenizer.encode_all(examples)]
 
 
 def embedding_scale(backbone: Backbone) -> float:
@@ -131,7 +131,7 @@ def export_prompt_embeds(prompt: SoftPrompt, backbone: Backbone, path: str | Pat
     require_input_prompt(prompt, "a prompt-embeds export")
     prompt.check_backbone(backbone)
     with torch.no_grad():
-        prefix = backbone.prefix_embeddings(prompt.embeddings.to(backbone.device).unsqueeze(0))[0].float().cpu()
+        prefix = backbone.prompt_embeddings(prompt.embeddings.to(backbone.device).unsqueeze(0))[0].float().cpu()
     metadata = {"format": PROMPT_EMBEDS_FORMAT, "base_model": prompt.base_model, "fingerprint": prompt.fingerprint,
                 "task": json.dumps(prompt.task.to_dict()), "bos_ids": json.dumps(backbone.bos_ids),
                 "embedding_scale": repr(embedding_scale(backbone))}

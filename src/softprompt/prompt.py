@@ -10,41 +10,43 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .backbone import Backbone, PrefixCache
+from .backbone import Backbone, PromptCache
 from .errors import SoftPromptError
 from .files import write_atomically
 from .tasks import TaskSpec
 
 FORMAT = "softprompt/1"
+FILE_TENSOR = {"prompt": "prompt", "prefix": "prefix"}  # method -> tensor name in the file
 
 
 METHODS = ("prompt", "prefix")
 
 
-def prefix_cache(backbone: Backbone, tensor: torch.Tensor, method: str) -> PrefixCache:
-    """Keys/values of BOS + one prompt: run the model over input embeddings ("prompt"), or take learned per-layer
-    keys/values as they are ("prefix"). Differentiable, so training uses it too."""
+def prompt_cache(backbone: Backbone, method: str, tensor: torch.Tensor,
+                 label_head: torch.Tensor | None = None) -> PromptCache:
+    """What runs start from for one prompt: the model run over its input embeddings ("prompt"), or learned
+    per-layer keys/values as they are ("prefix"); an encoder classifier's label head travels with it.
+    Differentiable, so training uses it too."""
     if method == "prefix":
-        return backbone.prefix_from_key_values(tensor.unsqueeze(0))
-    if method == "prompt":
-        return backbone.prompt_key_values(tensor.unsqueeze(0))
-    raise SoftPromptError(f"unknown method {method!r}; choose {' or '.join(METHODS)}")
+        backbone.require("deep_prompts", "a deep prompt (--method prefix)")
+        return backbone.deep_prompt_cache(tensor.unsqueeze(0))
+    return backbone.prompt_cache(tensor.unsqueeze(0), None if label_head is None else label_head.unsqueeze(0))
 
 
-@torch.no_grad()
-def prefix_from_embeddings(backbone: Backbone, embeddings: torch.Tensor) -> torch.Tensor:
-    """[layers, 2, kv_heads, K, head_dim]: the keys/values an input-embedding prompt produces at every layer, so a
-    deep prompt starts exactly where the shallow one would."""
-    backbone.require_deep_prompts()
-    cache = backbone.prompt_key_values(embeddings.to(backbone.device).unsqueeze(0))
-    skip = len(backbone.bos_ids)
-    return torch.stack([torch.stack([k[0, :, skip:], v[0, :, skip:]]) for k, v in cache.layers]).float()
+def scoring_inputs(backbone: Backbone, method: str, tensor: torch.Tensor,
+                   label_head: torch.Tensor | None = None) -> dict:
+    """`target_logprobs` keyword arguments for one prompt being trained: the prompt tensor itself where the model
+    runs it with the tokens (a causal LM packs them into one pass), else its cache."""
+    if method == "prompt" and label_head is None:
+        return {"prompts": tensor.unsqueeze(0)}
+    return {"cache": prompt_cache(backbone, method, tensor, label_head)}
 
 
 @dataclass
 class SoftPrompt:
     """Method "prompt": `embeddings` [K, d] in front of the input (Lester et al.). Method "prefix" (deep prompts,
-    prefix-tuning / P-tuning v2): `prefix` [layers, 2, kv_heads, K, head_dim], learned keys/values at every layer."""
+    prefix-tuning / P-tuning v2): `key_values` [layers, 2, kv_heads, K, head_dim], learned keys/values at every
+    layer. An encoder classifier's prompt also has its `label_head` [labels, d] (encoder_classifier.py)."""
 
     embeddings: torch.Tensor | None  # [K, d], float32
     base_model: str
@@ -52,26 +54,26 @@ class SoftPrompt:
     task: TaskSpec
     init: str = "class-label"
     training: dict = field(default_factory=dict)
-    prefix: torch.Tensor | None = None
-    head: torch.Tensor | None = None  # [labels, d]: encoder-only models' label head (encoder_model.py)
+    key_values: torch.Tensor | None = None
+    label_head: torch.Tensor | None = None
 
     @property
     def method(self) -> str:
-        return "prefix" if self.prefix is not None else "prompt"
+        return "prefix" if self.key_values is not None else "prompt"
 
     @property
     def length(self) -> int:
-        return self.prefix.shape[3] if self.prefix is not None else self.embeddings.shape[0]
+        return self.key_values.shape[3] if self.key_values is not None else self.embeddings.shape[0]
 
     @property
     def tensor(self) -> torch.Tensor:
         """The trained tensor, whichever the method."""
-        return self.prefix if self.prefix is not None else self.embeddings
+        return self.key_values if self.key_values is not None else self.embeddings
 
-    def prefix_cache(self, backbone: Backbone) -> PrefixCache:
-        """BOS + this prompt's keys/values for `backbone`, ready for Backbone.target_logprobs(prompt_kv=...)."""
-        tensor = self.tensor if self.head is None else torch.cat([self.embeddings, self.head])
-        return prefix_cache(backbone, tensor.to(backbone.device), self.method)
+    def cache(self, backbone: Backbone) -> PromptCache:
+        """What runs with this prompt on `backbone` start from, ready for `target_logprobs(cache=...)`."""
+        head = None if self.label_head is None else self.label_head.to(backbone.device)
+        return prompt_cache(backbone, self.method, self.tensor.to(backbone.device), head)
 
     def metadata(self) -> dict:
         return {
@@ -90,9 +92,9 @@ class SoftPrompt:
         """Write atomically: an interrupted save leaves the previous file intact."""
         tensor = self.tensor.detach().float().cpu().contiguous()
         header = {"format": FORMAT, "softprompt": json.dumps(self.metadata())}
-        tensors = {"prefix" if self.prefix is not None else "prompt": tensor}
-        if self.head is not None:
-            tensors["head"] = self.head.detach().float().cpu().contiguous()
+        tensors = {FILE_TENSOR[self.method]: tensor}
+        if self.label_head is not None:
+            tensors["head"] = self.label_head.detach().float().cpu().contiguous()
         return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
     @staticmethod
@@ -127,12 +129,12 @@ class SoftPrompt:
                 f"expected {FORMAT!r} with a 'prompt' or 'prefix' tensor)"
             )
         meta = json.loads(header["softprompt"])
-        embeddings, prefix = tensors.get("prompt"), tensors.get("prefix")
+        embeddings, key_values = tensors.get("prompt"), tensors.get("prefix")
         if embeddings is not None and embeddings.ndim != 2:
             raise SoftPromptError(f"{path}: prompt tensor must be [K, d], found shape {list(embeddings.shape)}")
-        if prefix is not None and (prefix.ndim != 5 or prefix.shape[1] != 2):
+        if key_values is not None and (key_values.ndim != 5 or key_values.shape[1] != 2):
             raise SoftPromptError(f"{path}: prefix tensor must be [layers, 2, kv_heads, K, head_dim], found shape "
-                                  f"{list(prefix.shape)}")
+                                  f"{list(key_values.shape)}")
         head = tensors.get("head")
         labels = TaskSpec.from_dict(meta["task"]).labels
         if head is not None and (embeddings is None or head.ndim != 2 or labels is None
@@ -141,8 +143,8 @@ class SoftPrompt:
                                   f"shape {list(head.shape)}")
         return cls(
             embeddings=embeddings,
-            prefix=prefix,
-            head=head,
+            key_values=key_values,
+            label_head=head,
             base_model=meta["base_model"],
             fingerprint=meta["fingerprint"],
             task=TaskSpec.from_dict(meta["task"]),
@@ -152,22 +154,21 @@ class SoftPrompt:
 
     def check_backbone(self, backbone: Backbone) -> None:
         """Refuse to run on a model other than the one the prompt was trained on."""
-        if self.prefix is not None:
-            layers, heads, head_dim = backbone.key_value_shape
-            expected = [layers, 2, heads, self.length, head_dim]
-            if list(self.prefix.shape) != expected:
+        if self.key_values is not None:
+            backbone.require("deep_prompts", f"the deep prompt trained on {self.base_model!r}")
+            expected = backbone.deep_prompt_shape(self.length)
+            if list(self.key_values.shape) != expected:
                 raise SoftPromptError(f"prefix prompt trained on {self.base_model!r} has shape "
-                                      f"{list(self.prefix.shape)}; {backbone.name!r} needs {expected}")
+                                      f"{list(self.key_values.shape)}; {backbone.name!r} needs {expected}")
         elif self.embeddings.shape[1] != backbone.d_model:
             raise SoftPromptError(
                 f"prompt was trained on {self.base_model!r} (d={self.embeddings.shape[1]}) but the loaded model "
                 f"{backbone.name!r} has d={backbone.d_model}"
             )
-        if (self.head is not None) != backbone.is_encoder_only:
-            raise SoftPromptError(
-                f"prompt was trained on {self.base_model!r} "
-                f"({'an encoder-only model, with a label head' if self.head is not None else 'a language model'}); "
-                f"{backbone.name!r} is {'an encoder-only model' if backbone.is_encoder_only else 'a language model'}")
+        if (self.label_head is not None) != backbone.scores_with_label_head:
+            trained_on = "an encoder classifier, with a label head" if self.label_head is not None else "an LM"
+            raise SoftPromptError(f"prompt was trained on {self.base_model!r} ({trained_on}); {backbone.name!r} is "
+                                  f"{backbone.kind}")
         if self.fingerprint != backbone.fingerprint:
             raise SoftPromptError(
                 f"prompt was trained on {self.base_model!r} (fingerprint {self.fingerprint}) but the loaded model is "

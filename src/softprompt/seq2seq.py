@@ -1,10 +1,9 @@
 """Encoder-decoder models (T5 family): the prompt goes in front of the encoder input, the decoder scores labels.
 
-Same interface as the causal `Backbone`, so tasks, encoders, training, evaluation and prediction work unchanged.
-What differs: the encoder attends both ways, so the prompt's states depend on the input and nothing can be
-cached per prompt — `prompt_key_values` just carries the prompt embeddings to `target_logprobs`, which runs the
-encoder on [prompt; input; EOS] (T5's convention) and the decoder on [start; label tokens]. Deep prompts
-(per-layer keys/values) are a causal-model method and are refused here.
+A sibling of `causal.CausalLM` behind the same `Backbone` interface, so tasks, training, evaluation and prediction
+work unchanged. What differs: the encoder attends both ways, so the prompt's states depend on the input and
+nothing can be cached per prompt — `prompt_cache` just carries the prompt embeddings to `target_logprobs`, which
+runs the encoder on [prompt; input; EOS] (T5's convention) and the decoder on [start; label tokens].
 """
 
 from __future__ import annotations
@@ -12,33 +11,31 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backbone import Backbone, PrefixCache, TokenBatch, generation_rows, right_pad
+from .backbone import Backbone, PromptCache, TokenBatch, generation_rows, right_pad
+from .errors import SoftPromptError
 
 
-class Seq2SeqBackbone(Backbone):
+class EncoderDecoderLM(Backbone):
     """A frozen encoder-decoder LM (T5, Flan-T5, mT5, ...)."""
 
-    is_seq2seq = True
+    kind = "an encoder-decoder LM"
+    can_generate = True
 
     @property
     def encoder(self) -> torch.nn.Module:
         return self.model.get_encoder()
 
-    def prompt_key_values(self, prompts: Tensor | None) -> PrefixCache:
-        return PrefixCache.of_tensors(prompts, self.device)
+    def prompt_cache(self, prompts: Tensor | None, label_heads: Tensor | None = None) -> PromptCache:
+        if label_heads is not None:
+            raise SoftPromptError(f"{self.name!r} scores labels with its LM head; a label head is for encoders")
+        return PromptCache.of_tensors(prompts, self.device)
 
-    def target_logprobs(
-        self,
-        batch: TokenBatch,
-        prompts: Tensor | None = None,
-        prompt_index: Tensor | None = None,
-        path: str = "concat",
-        prompt_kv: PrefixCache | None = None,
-    ) -> Tensor:
+    def target_logprobs(self, batch: TokenBatch, prompts: Tensor | None = None, prompt_index: Tensor | None = None,
+                        cache: PromptCache | None = None) -> Tensor:
         """Log-prob of each target token, [N]. Each row of `batch` is input + label tokens (as for causal models):
         the input goes to the encoder, the targets become the decoder's sequence."""
-        if prompt_kv is not None:
-            prompts = torch.stack(prompt_kv.embeddings) if prompt_kv.embeddings is not None else None
+        if cache is not None:
+            prompts = torch.stack(cache.embeddings) if cache.embeddings is not None else None
         rows = batch.input_ids.shape[0]
         encoder_rows, decoder_rows = [], []
         for row in range(rows):
@@ -70,23 +67,19 @@ class Seq2SeqBackbone(Backbone):
         by_row = torch.cat(picked)
         return by_row[_batch_order(batch)]
 
-    @property
-    def eos_ids(self) -> list[int]:
-        return [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-
-    def generate(self, rows: list[list[int]], prefix: PrefixCache, max_new_tokens: int | list[int],
+    def generate(self, rows: list[list[int]], cache: PromptCache, max_new_tokens: int | list[int],
                  stop_ids: set[int], prompt_index: list[int] | None = None) -> list[list[int]]:
         budgets, prompt_index = generation_rows(len(rows), max_new_tokens, prompt_index)
-        return [self._generate_one(ids, prefix, budget, stop_ids, index)
+        return [self._generate_one(ids, cache, budget, stop_ids, index)
                 for ids, budget, index in zip(rows, budgets, prompt_index)]
 
     @torch.no_grad()
-    def _generate_one(self, ids: list[int], prefix: PrefixCache, max_new_tokens: int, stop_ids: set[int],
+    def _generate_one(self, ids: list[int], cache: PromptCache, max_new_tokens: int, stop_ids: set[int],
                       prompt: int = 0) -> list[int]:
-        """Greedy decoding of one input with prompt number `prompt` of `prefix` in front of the encoder input."""
+        """Greedy decoding of one input with prompt number `prompt` of `cache` in front of the encoder input."""
         embeds = self.embed(torch.tensor([ids + self.eos_ids], device=self.device))
-        if prefix.embeddings is not None and prefix.embeddings[prompt].shape[0]:
-            embeds = torch.cat([prefix.embeddings[prompt][None].to(embeds.dtype), embeds], dim=1)
+        if cache.embeddings is not None and cache.embeddings[prompt].shape[0]:
+            embeds = torch.cat([cache.embeddings[prompt][None].to(embeds.dtype), embeds], dim=1)
         with self.autocast():
             encoded = self.encoder(inputs_embeds=embeds)
         generated: list[int] = []

@@ -16,12 +16,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .backbone import Backbone, load_model
+from .backbone import Backbone
 from .data import Dataset
 from .errors import SoftPromptError
 from .evaluate import evaluate
 from .files import write_text_atomically
-from .model_tuning import tune_model
+from .loader import load_model
 from .train import TrainConfig, train
 
 KEYS = ("model", "method", "length", "init", "seed")
@@ -98,15 +98,10 @@ def run_sweep(
         started = time.perf_counter()
         try:
             with tempfile.TemporaryDirectory() as scratch:
-                if cell.method == "model-tuning":
-                    result = tune_model(backbone, dataset.task, dataset.train, dataset.validation,
-                                        Path(scratch) / "model", config, show_progress=False)
-                    report = evaluate(result.backbone, test, task=dataset.task,
-                                      max_input_tokens=config.max_input_tokens)
-                else:
-                    result = train(backbone, dataset.task, dataset.train, dataset.validation,
-                                   Path(scratch) / "prompt.safetensors", config, show_progress=False)
-                    report = evaluate(backbone, test, result.prompt, max_input_tokens=config.max_input_tokens)
+                result = train(backbone, dataset.task, dataset.train, dataset.validation, Path(scratch) / "result",
+                               config, show_progress=False)
+                report = evaluate(result.backbone or backbone, test, result.prompt, task=dataset.task,
+                                  max_input_tokens=config.max_input_tokens)
         except (SoftPromptError, RuntimeError, MemoryError) as error:  # CUDA out-of-memory is a RuntimeError
             progress(f"  failed: {error}")
             record({**asdict(cell), "status": "failed", "error": f"{type(error).__name__}: {error}",

@@ -56,6 +56,21 @@ class TaskSpec:
         """The first template field the row lacks, if any."""
         return next((name for name in self.fields if name not in row), None)
 
+    def template_values(self, row: dict, where: str) -> dict[str, str]:
+        """The row's values of the template's fields, as text; a missing field is an error at `where`."""
+        missing = self.missing_field(row)
+        if missing:
+            raise SoftPromptError(f"{where}: template field {missing!r} is not in the row (template fields: "
+                                  f"{', '.join(self.fields)}; the row has: {', '.join(map(str, row))})")
+        return {name: str(row[name]) for name in self.fields}
+
+    def require_kind(self, classify: bool, prompt_name: str) -> None:
+        """Classifiers classify and generation prompts generate: say which call the other kind needs."""
+        if self.is_classification != classify:
+            raise SoftPromptError(f"prompt {prompt_name!r} generates text: use POST /v1/generate (or generate)"
+                                  if classify else
+                                  f"prompt {prompt_name!r} is a classifier: use POST /v1/classify (or classify)")
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -1,8 +1,10 @@
-"""The prompt-tuning recipe: only the [K, d] prompt trains; the backbone stays frozen.
+"""The one training loop: prompt tuning, deep prompts and the model-tuning baseline.
 
-Validation every `eval_every` steps keeps the best prompt; `patience` evaluations without improvement stop early.
-A checkpoint next to the output (`<out>.ckpt.safetensors`) lets `resume=True` continue an interrupted run exactly:
-the data order is a pure function of (seed, step). Metrics are appended to `<out>.log.jsonl`.
+The method (`make_method`: trainable.PromptTuning or model_tuning.ModelTuning) supplies what trains, what
+validation scores with and how the best is saved; the loop owns the rest. Validation every `eval_every` steps keeps
+the best; `patience` evaluations without improvement stop early. For prompts, a checkpoint next to the output
+(`<out>.ckpt.safetensors`) lets `resume=True` continue an interrupted run exactly: the data order is a pure
+function of (seed, step). Metrics are appended to `<out>.log.jsonl`.
 """
 
 from __future__ import annotations
@@ -21,15 +23,16 @@ from safetensors.torch import save_file
 from transformers.optimization import Adafactor
 
 from . import distributed
-from .backbone import Backbone
-from .data import Encoded, Encoder, Example
+from .backbone import Backbone, PromptCache
+from .data import Example, TaskTokenizer, TokenizedExample
 from .errors import SoftPromptError
 from .evaluate import generate_texts, label_scores, sum_label_tokens
 from .files import write_atomically
-from .initializers import initialize
-from .prompt import SoftPrompt, prefix_cache, prefix_from_embeddings
+from .model_tuning import ModelTuning
+from .prompt import SoftPrompt
+from .routes import Route
 from .tasks import TaskSpec
-from .trainable import materialize, parameter_count, trainable_prompt
+from .trainable import PromptTuning
 
 DEFAULT_LR = {"adamw": 0.01, "adafactor": 0.3}  # adafactor: the paper preset (see README, "Defaults")
 MODEL_TUNING_LR = {"adamw": 2e-5, "adafactor": 1e-4}  # every weight trains: steps must be far smaller
@@ -49,7 +52,7 @@ class TrainConfig:
     valid_limit: int | None = 300  # validation examples scored at each evaluation (None = all)
     max_input_tokens: int = 256
     seed: int = 0
-    path: str = "cached"  # "cached" prompt keys/values, or the "concat" reference
+    route: str = "auto"  # "auto": the model's fastest exact route (routes.plan), or the "concat" reference
     schedule: str = "linear"  # learning rate: "linear" decay to 0 over `steps`, or "constant"
     method: str = "prompt"  # "prompt": input embeddings (the paper); "prefix": keys/values at every layer;
     # "model-tuning": the baseline, every model weight trains (model_tuning.py)
@@ -71,12 +74,13 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    prompt: SoftPrompt
+    prompt: SoftPrompt | None  # the best prompt (prompt methods)
     best_metric: float
     best_step: int
     steps_run: int
     stopped_early: bool
     history: list[dict]
+    backbone: Backbone | None = None  # the best tuned model, loaded back from `out` (model tuning)
 
 
 def make_optimizer(config: TrainConfig, parameters: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -99,7 +103,7 @@ def make_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer,
     raise SoftPromptError(f"unknown schedule {config.schedule!r}; choose linear or constant")
 
 
-def batch_order(items: list[Encoded], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def batch_order(items: list[TokenizedExample], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Shuffled batches of similar length (little padding), a pure function of (seed, epoch)."""
     rng = random.Random(seed * 100_003 + epoch)
     order = list(range(len(items)))
@@ -113,69 +117,70 @@ def batch_order(items: list[Encoded], batch_size: int, seed: int, epoch: int) ->
     return [batch for batch in batches if len(batch) == batch_size] or batches
 
 
-def batch_for_step(items: list[Encoded], config: TrainConfig, step: int) -> list[int]:
+def batch_for_step(items: list[TokenizedExample], config: TrainConfig, step: int) -> list[int]:
     # batch_order keeps only full batches (windows are whole multiples of the batch size), or the one partial
     # batch when there are fewer items than a batch: the count follows without building an order.
     per_epoch = max(1, len(items) // config.batch_size)
     return batch_order(items, config.batch_size, config.seed, step // per_epoch)[step % per_epoch]
 
 
-def prompt_loss(backbone: Backbone, encoder: Encoder, items: list[Encoded], prompt: torch.Tensor | None,
-                path: str = "cached", objective: str = "rank", method: str = "prompt") -> torch.Tensor:
-    """Loss on the label tokens only, mean over examples (`prompt` None: the template alone, for model tuning).
+def prompt_loss(backbone: Backbone, task_tokenizer: TaskTokenizer, items: list[TokenizedExample], inputs: dict,
+                objective: str = "rank") -> torch.Tensor:
+    """Loss on the label tokens only, mean over examples; `inputs`: `target_logprobs` keyword arguments (the
+    prompt, or its cache; none for model tuning).
 
     "lm": negative log-likelihood of the gold label's tokens over the whole vocabulary (the paper's objective).
     "rank": cross-entropy over the labels' summed log-probs, i.e. exactly what rank classification decides on.
     """
     if objective not in ("rank", "lm"):
         raise SoftPromptError(f"unknown objective {objective!r}; choose rank or lm")
-    if method == "prompt" or prompt is None:
-        inputs = {"prompts": None if prompt is None else prompt.unsqueeze(0), "path": path}
-    else:  # deep prompts are keys/values already: there is nothing to concatenate
-        inputs = {"prompt_kv": prefix_cache(backbone, prompt, method)}
     if objective == "lm":
-        batch = encoder.training_batch(items)
+        batch = task_tokenizer.training_batch(items)
         return -backbone.target_logprobs(batch, **inputs).sum() / len(items)
-    batch, groups = encoder.scoring_batch(items)
+    batch, groups = task_tokenizer.scoring_batch(items)
     logprobs = backbone.target_logprobs(batch, **inputs)
-    scores = sum_label_tokens(logprobs, groups, len(items), len(encoder.label_ids))
+    scores = sum_label_tokens(logprobs, groups, len(items), len(task_tokenizer.label_ids))
     gold = torch.tensor([item.label for item in items], device=scores.device)
     return torch.nn.functional.cross_entropy(scores, gold)
 
 
 @torch.no_grad()
-def validation_metric(backbone: Backbone, encoder: Encoder, items: list[Encoded], prompt: torch.Tensor | None,
-                      task: TaskSpec, method: str = "prompt") -> float:
-    """Accuracy (classification) or exact match of greedy decoding (generation); `prompt` None: no prompt.
+def validation_metric(backbone: Backbone, task_tokenizer: TaskTokenizer, items: list[TokenizedExample],
+                      cache: PromptCache, task: TaskSpec) -> float:
+    """Accuracy (classification) or exact match of greedy decoding (generation) of the runs starting at `cache`.
     Under torch.distributed each process scores its shard and the counts are summed."""
     total = len(items)
     items = distributed.shard(items)
-    if prompt is None:
-        prefix = backbone.prompt_key_values(backbone.zero_shot_prompts(task))
-    else:
-        prefix = prefix_cache(backbone, prompt.detach(), method)
     correct = 0
     if items and not task.is_classification:
-        outputs = generate_texts(backbone, encoder, items, prefix, max_new_tokens=16)
+        outputs = generate_texts(backbone, task_tokenizer, items, cache, max_new_tokens=16)
         targets = [backbone.tokenizer.decode(item.target_ids, skip_special_tokens=True) for item in items]
         correct = sum(out.strip() == target.strip() for out, target in zip(outputs, targets))
     elif items:
-        predicted = label_scores(backbone, encoder, items, prompt_kv=prefix).argmax(1).tolist()
+        predicted = label_scores(backbone, task_tokenizer, items, cache=cache).argmax(1).tolist()
         correct = sum(p == item.label for p, item in zip(predicted, items))
     return distributed.all_reduce_sum(torch.tensor(float(correct), device=backbone.device)).item() / total
 
 
-def train(
-    backbone: Backbone,
-    task: TaskSpec,
-    train_examples: list[Example],
-    valid_examples: list[Example],
-    out: str | Path,
-    config: TrainConfig | None = None,
-    resume: bool = False,
-    show_progress: bool = True,
-) -> TrainResult:
-    """Train a soft prompt; the best one (by validation accuracy) is saved to `out` and returned."""
+def make_method(backbone: Backbone, task: TaskSpec, config: TrainConfig, out: Path) -> PromptTuning | ModelTuning:
+    """The one place the training method is chosen, and what it needs of the model checked."""
+    if config.route == "concat":
+        backbone.require("cache_prompts", "the concat reference route")
+    if config.compile or config.compile_mode:
+        backbone.require("plain_prompt_tensors", "--compile")
+    if config.method == "model-tuning":
+        if distributed.world_size() > 1:
+            raise SoftPromptError("model tuning runs in one process; drop --devices / torchrun")
+        return ModelTuning(backbone, task, config, out)
+    if config.method in ("prompt", "prefix"):
+        return PromptTuning(backbone, task, config)
+    raise SoftPromptError(f"unknown method {config.method!r}; choose prompt, prefix or model-tuning")
+
+
+def train(backbone: Backbone, task: TaskSpec, train_examples: list[Example], valid_examples: list[Example],
+          out: str | Path, config: TrainConfig | None = None, resume: bool = False,
+          show_progress: bool = True) -> TrainResult:
+    """Train by `config.method`; the best (by validation) is saved to `out` and returned."""
     config = config or TrainConfig()
     if not task.is_classification and config.objective == "rank":
         config = replace(config, objective="lm")  # nothing to rank: learn the target text itself
@@ -184,123 +189,137 @@ def train(
     if config.batch_size < distributed.world_size():
         raise SoftPromptError(f"batch size {config.batch_size} is smaller than the {distributed.world_size()} "
                               "processes it is split across")
-    main_process = distributed.is_main()  # only it writes files and shows progress
-    out = Path(out)
-    checkpoint_path = out.with_name(out.name + ".ckpt.safetensors")
-    log_path = out.with_name(out.name + ".log.jsonl")
-    torch.manual_seed(config.seed)
-    encoder = Encoder(backbone, task, config.max_input_tokens)
-    train_items = encoder.encode_all(train_examples)
-    valid_items = encoder.encode_all(valid_examples[: config.valid_limit] if config.valid_limit else valid_examples)
-    if not valid_items:
-        raise SoftPromptError("the validation set is empty")
-
-    embeddings = initialize(config.init, backbone, config.prompt_length, task, config.seed).to(backbone.device)
-    initial = embeddings
-    if config.method == "prefix":
-        initial = prefix_from_embeddings(backbone, embeddings)
-    elif config.method == "model-tuning":
-        raise SoftPromptError("model tuning trains the model, not a prompt: use model_tuning.tune_model")
-    elif config.method != "prompt":
-        raise SoftPromptError(f"unknown method {config.method!r}; choose prompt, prefix or model-tuning")
     if config.reparameterize and config.method != "prefix":
         raise SoftPromptError("--reparameterize applies to deep prompts (--method prefix) only")
-    if config.activation_checkpointing and config.method == "prefix":
-        # checkpointed layers drop a cache object, the only other way deep prompts reach attention
-        backbone.require_plain_prefix("--activation-checkpointing with --method prefix")
-    if config.compile or config.compile_mode:
-        backbone.compile(config.compile_mode)
-    if backbone.is_encoder_only:  # the label head trains with the prompt, as rows after it (encoder_model.py)
-        initial = torch.cat([embeddings, backbone.label_head(task)])
-    trainable = trainable_prompt(initial, embeddings, config.reparameterize).to(backbone.device)
-    parameters = list(trainable.parameters())
-    optimizer = make_optimizer(config, parameters)
-    state = {"step": 0, "best_metric": -1.0, "best_step": 0, "bad_evals": 0, "history": []}
-    best = initial.clone()
-    scaler = backbone.loss_scaler()
-    if resume and checkpoint_path.exists():
-        state, best = _load_checkpoint(checkpoint_path, trainable, optimizer, scaler, config)
-    elif resume:
-        raise SoftPromptError(f"--resume: no checkpoint at {checkpoint_path}")
-    elif log_path.exists() and main_process:
-        log_path.unlink()  # a fresh run starts a fresh log
-    scheduler = make_schedule(config, optimizer, start_step=state["step"])
+    torch.manual_seed(config.seed)
+    run = TrainingRun(backbone, task, train_examples, valid_examples, Path(out), config)
+    run.start(resume)
+    run.loop(show_progress)
+    return run.finish()
 
-    if state["step"] == 0 and state["best_metric"] < 0:
-        state["best_metric"] = validation_metric(backbone, encoder, valid_items, materialize(trainable), task,
-                                                 config.method)
-        log_record(log_path, state, {"step": 0, "valid_accuracy": state["best_metric"], "elapsed_s": 0.0})
 
-    started = time.perf_counter() - state.get("elapsed_s", 0.0)
-    running_loss, running_count = 0.0, 0
-    stopped_early = False
-    with training_progress(show_progress and main_process) as progress:
-        bar = progress.add_task(status_text(state, None), total=config.steps, completed=state["step"])
-        while state["step"] < config.steps:
-            indices = batch_for_step(train_items, config, state["step"])
-            local = distributed.shard(indices)  # all of it in a single process
-            # Scaled so that the gradients summed over processes are the gradient of the global batch mean.
-            with backbone.activation_checkpointing() if config.activation_checkpointing else contextlib.nullcontext():
-                loss = prompt_loss(backbone, encoder, [train_items[i] for i in local], trainable(), config.path,
-                                   config.objective, config.method) * (len(local) / len(indices))
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-            for parameter in parameters:
-                distributed.all_reduce_sum(parameter.grad)
-            loss = distributed.all_reduce_sum(loss.detach())
-            check_finite(loss, state["step"], backbone.precision)
-            scaler.step(optimizer)  # fp16: skipped while the scaled gradient overflows, as the scale settles
-            scaler.update()
-            scheduler.step()
-            state["step"] += 1
-            running_loss += loss.item()
-            running_count += 1
-            progress.update(bar, advance=1, description=status_text(state, running_loss / running_count))
-            if state["step"] % config.eval_every == 0 or state["step"] == config.steps:
-                current = materialize(trainable)
-                metric = validation_metric(backbone, encoder, valid_items, current, task, config.method)
-                if metric > state["best_metric"]:
-                    state.update(best_metric=metric, best_step=state["step"], bad_evals=0)
-                    best = current
-                else:
-                    state["bad_evals"] += 1
-                state["elapsed_s"] = time.perf_counter() - started
-                log_record(log_path, state, {"step": state["step"], "loss": running_loss / running_count,
-                                       "valid_accuracy": metric, "elapsed_s": round(state["elapsed_s"], 2)})
-                running_loss, running_count = 0.0, 0
-                if main_process:
-                    _save_checkpoint(checkpoint_path, trainable, best, optimizer, scaler, state, config)
-                progress.update(bar, description=status_text(state, None))
-                if config.patience and state["bad_evals"] >= config.patience:
-                    stopped_early = True
-                    break
+class TrainingRun:
+    """One run of the loop: the method's parameters, the optimizer, counters, the best so far, files."""
 
-    best = best.cpu()
-    result_prompt = SoftPrompt(
-        embeddings=best[: config.prompt_length] if config.method == "prompt" else None,
-        prefix=best if config.method == "prefix" else None,
-        head=best[config.prompt_length :] if backbone.is_encoder_only else None,
-        base_model=backbone.name,
-        fingerprint=backbone.fingerprint,
-        task=task,
-        init=config.init,
-        training={
-            "config": asdict(config),
-            "steps_run": state["step"],
-            "best_step": state["best_step"],
-            "best_valid_accuracy": state["best_metric"],
-            "valid_examples": len(valid_items),
-            "train_examples": len(train_items),
-            "stopped_early": stopped_early,
-            "trainable_parameters": parameter_count(trainable),
-            "elapsed_s": round(time.perf_counter() - started, 1),
-        },
-    )
-    if main_process:
-        result_prompt.save(out)
-        checkpoint_path.unlink(missing_ok=True)
-    return TrainResult(result_prompt, state["best_metric"], state["best_step"], state["step"], stopped_early,
-                       state["history"])
+    def __init__(self, backbone: Backbone, task: TaskSpec, train_examples: list[Example],
+                 valid_examples: list[Example], out: Path, config: TrainConfig):
+        self.task, self.out, self.config = task, out, config
+        self.checkpoint_path = out.with_name(out.name + ".ckpt.safetensors")
+        self.log_path = out.with_name(out.name + ".log.jsonl")
+        self.task_tokenizer = TaskTokenizer(backbone, task, config.max_input_tokens)
+        self.train_items = self.task_tokenizer.encode_all(train_examples)
+        valid = valid_examples[: config.valid_limit] if config.valid_limit else valid_examples
+        self.valid_items = self.task_tokenizer.encode_all(valid)
+        if not self.valid_items:
+            raise SoftPromptError("the validation set is empty")
+        self.method = make_method(backbone, task, config, out)
+        self.model = self.method.model  # what the loss runs on: the frozen model, or the copy that trains
+        if config.compile or config.compile_mode:
+            self.model.compile(config.compile_mode)
+        self.parameters = self.method.parameters()
+        self.optimizer = make_optimizer(config, self.parameters)
+        self.scaler = self.model.loss_scaler()
+        self.state = {"step": 0, "best_metric": -1.0, "best_step": 0, "bad_evals": 0, "history": []}
+        self.best = self.method.current()
+        self.stopped_early = False
+        self.started = time.perf_counter()
+
+    def start(self, resume: bool) -> None:
+        """Continue from the checkpoint, or start afresh with the starting point's validation (step 0)."""
+        if resume and not self.method.resumable:
+            raise SoftPromptError(f"--resume: {self.config.method} runs cannot be resumed; start it again")
+        if resume and not self.checkpoint_path.exists():
+            raise SoftPromptError(f"--resume: no checkpoint at {self.checkpoint_path}")
+        if resume:
+            self.state, self.best = _load_checkpoint(self.checkpoint_path, self.method.trainable, self.optimizer,
+                                                     self.scaler, self.config)
+        elif self.log_path.exists() and distributed.is_main():
+            self.log_path.unlink()  # a fresh run starts a fresh log
+        self.scheduler = make_schedule(self.config, self.optimizer, start_step=self.state["step"])
+        self.started = time.perf_counter() - self.state.get("elapsed_s", 0.0)
+        if self.state["step"] == 0 and self.state["best_metric"] < 0:
+            self.state["best_metric"] = self.validate(self.best)
+            log_record(self.log_path, self.state, {"step": 0, "valid_accuracy": self.state["best_metric"],
+                                                   "elapsed_s": 0.0})
+            if distributed.is_main():
+                self.method.keep_best(self.best, self.summary())
+
+    def validate(self, trained: dict) -> float:
+        return validation_metric(self.model, self.task_tokenizer, self.valid_items, self.method.cache(trained),
+                                 self.task)
+
+    def loop(self, show_progress: bool) -> None:
+        running_loss, running_count = 0.0, 0
+        with training_progress(show_progress and distributed.is_main()) as progress:
+            bar = progress.add_task(status_text(self.state, None), total=self.config.steps,
+                                    completed=self.state["step"])
+            while self.state["step"] < self.config.steps:
+                running_loss, running_count = running_loss + self.step(), running_count + 1
+                progress.update(bar, advance=1, description=status_text(self.state, running_loss / running_count))
+                if self.state["step"] % self.config.eval_every == 0 or self.state["step"] == self.config.steps:
+                    self.evaluate(running_loss / running_count)
+                    running_loss, running_count = 0.0, 0
+                    progress.update(bar, description=status_text(self.state, None))
+                    if self.config.patience and self.state["bad_evals"] >= self.config.patience:
+                        self.stopped_early = True
+                        break
+
+    def step(self) -> float:
+        """One optimizer step on this step's batch (this process's shard of it); returns the global batch loss."""
+        indices = batch_for_step(self.train_items, self.config, self.state["step"])
+        local = distributed.shard(indices)  # all of it in a single process
+        checkpointing = self.config.activation_checkpointing
+        # Scaled so that the gradients summed over processes are the gradient of the global batch mean.
+        with self.model.activation_checkpointing() if checkpointing else contextlib.nullcontext():
+            inputs = {**self.method.inputs(), **({"route": Route.CONCAT} if self.config.route == "concat" else {})}
+            loss = prompt_loss(self.model, self.task_tokenizer, [self.train_items[i] for i in local], inputs,
+                               self.config.objective) * (len(local) / len(indices))
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+        for parameter in self.parameters:
+            distributed.all_reduce_sum(parameter.grad)
+        loss = distributed.all_reduce_sum(loss.detach())
+        check_finite(loss, self.state["step"], self.model.precision)
+        self.scaler.step(self.optimizer)  # fp16: skipped while the scaled gradient overflows, as the scale settles
+        self.scaler.update()
+        self.scheduler.step()
+        self.state["step"] += 1
+        return loss.item()
+
+    def evaluate(self, loss: float) -> None:
+        """Validate, keep the best, log, checkpoint."""
+        current = self.method.current()
+        metric = self.validate(current)
+        state = self.state
+        if metric > state["best_metric"]:
+            state.update(best_metric=metric, best_step=state["step"], bad_evals=0)
+            self.best = current
+            if distributed.is_main():
+                self.method.keep_best(current, self.summary())
+        else:
+            state["bad_evals"] += 1
+        state["elapsed_s"] = time.perf_counter() - self.started
+        log_record(self.log_path, state, {"step": state["step"], "loss": loss, "valid_accuracy": metric,
+                                          "elapsed_s": round(state["elapsed_s"], 2)})
+        if distributed.is_main() and self.method.resumable:
+            _save_checkpoint(self.checkpoint_path, self.method.trainable, self.best, self.optimizer, self.scaler,
+                             state, self.config)
+
+    def summary(self) -> dict:
+        """What the saved result records about its training."""
+        return {"config": asdict(self.config), "steps_run": self.state["step"], "best_step": self.state["best_step"],
+                "best_valid_accuracy": self.state["best_metric"], "valid_examples": len(self.valid_items),
+                "train_examples": len(self.train_items), "stopped_early": self.stopped_early,
+                "elapsed_s": round(time.perf_counter() - self.started, 1)}
+
+    def finish(self) -> TrainResult:
+        saved = self.method.result(self.best, self.summary(), self.out)
+        prompt = saved if isinstance(saved, SoftPrompt) else None
+        if distributed.is_main() and prompt is not None:
+            prompt.save(self.out)
+            self.checkpoint_path.unlink(missing_ok=True)
+        return TrainResult(prompt, self.state["best_metric"], self.state["best_step"], self.state["step"],
+                           self.stopped_early, self.state["history"], None if prompt is not None else saved)
 
 
 def check_finite(loss: torch.Tensor, step: int, precision: str) -> None:
@@ -330,13 +349,14 @@ def log_record(path: Path, state: dict, record: dict) -> None:
         log.write(json.dumps(record) + "\n")
 
 
-def _save_checkpoint(path: Path, trainable: torch.nn.Module, best: torch.Tensor, optimizer: torch.optim.Optimizer,
-                     scaler: torch.amp.GradScaler, state: dict, config: TrainConfig) -> None:
+def _save_checkpoint(path: Path, trainable: torch.nn.Module, best: dict[str, torch.Tensor],
+                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, state: dict,
+                     config: TrainConfig) -> None:
     """Everything needed to continue: what trains, the best prompt, optimizer state, the fp16 loss scale and its
     growth counter (a fresh scale would skip other steps), counters (safetensors, no pickle). Optimizer tensors
     are stored as `optimizer.<parameter index>.<name>`."""
     tensors = {f"trainable.{key}": value.detach().cpu().contiguous() for key, value in trainable.state_dict().items()}
-    tensors["best"] = best.cpu().contiguous()
+    tensors.update({f"best.{name}": tensor.cpu().contiguous() for name, tensor in best.items()})
     scalars: dict[str, dict] = {}
     for index, parameter_state in optimizer.state_dict()["state"].items():
         for key, value in parameter_state.items():
@@ -350,7 +370,7 @@ def _save_checkpoint(path: Path, trainable: torch.nn.Module, best: torch.Tensor,
 
 
 def _load_checkpoint(path: Path, trainable: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     scaler: torch.amp.GradScaler, config: TrainConfig) -> tuple[dict, torch.Tensor]:
+                     scaler: torch.amp.GradScaler, config: TrainConfig) -> tuple[dict, dict[str, torch.Tensor]]:
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
@@ -374,4 +394,5 @@ def _load_checkpoint(path: Path, trainable: torch.nn.Module, optimizer: torch.op
     scaler_state = json.loads(metadata.get("loss_scaler", "{}"))  # empty: fp32/bf16, or a checkpoint from before
     if scaler.is_enabled() and scaler_state:
         scaler.load_state_dict(scaler_state)
-    return json.loads(metadata["state"]), tensors["best"].to(device)
+    best = {key[len("best."):]: value.to(device) for key, value in tensors.items() if key.startswith("best.")}
+    return json.loads(metadata["state"]), best

@@ -1,4 +1,5 @@
-"""What the optimizer trains: the prompt tensor itself, or prefix-tuning's MLP reparameterization of it.
+"""What the optimizer trains when a prompt trains: the prompt tensor itself, or prefix-tuning's MLP
+reparameterization of it, and `PromptTuning`, the training method built on them (train.py runs the loop).
 
 Either way `module()` returns the tensor the backbone consumes ([K, d] input embeddings, or deep-prompt keys/values
 [layers, 2, kv_heads, K, head_dim]), and only that tensor is saved: the MLP is a training device, not part of
@@ -7,8 +8,15 @@ the prompt (as in Li & Liang 2021, where it is dropped after training).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
+
+from .backbone import Backbone, PromptCache
+from .initializers import initialize
+from .prompt import SoftPrompt, prompt_cache, scoring_inputs
+from .tasks import TaskSpec
 
 
 class DirectPrompt(nn.Module):
@@ -60,3 +68,55 @@ def parameter_count(module: nn.Module) -> int:
 def materialize(module: nn.Module) -> Tensor:
     with torch.no_grad():
         return module().detach().clone()
+
+
+class PromptTuning:
+    """Methods "prompt" (the paper) and "prefix" (deep prompts): a prompt trains in front of the frozen model, and
+    the best one becomes a SoftPrompt file. An encoder classifier's label head trains with it."""
+
+    resumable = True
+
+    def __init__(self, backbone: Backbone, task: TaskSpec, config):
+        self.model, self.task, self.config = backbone, task, config
+        embeddings = initialize(config.init, backbone, config.prompt_length, task, config.seed).to(backbone.device)
+        initial = embeddings
+        if config.method == "prefix":
+            backbone.require("deep_prompts", "deep prompts (--method prefix)")
+            if config.activation_checkpointing:  # checkpointed layers drop a cache object, deep prompts' other way in
+                backbone.require("plain_prompt_tensors", "--activation-checkpointing with --method prefix")
+            initial = backbone.deep_prompt_from_embeddings(embeddings)
+        self.trainable = trainable_prompt(initial, embeddings, config.reparameterize).to(backbone.device)
+        if backbone.scores_with_label_head:  # saved as the prompt's label_head, checkpointed with what trains
+            self.trainable.register_parameter("label_head", nn.Parameter(backbone.label_head(task).clone()))
+
+    def parameters(self) -> list[Tensor]:
+        return list(self.trainable.parameters())
+
+    def inputs(self) -> dict:
+        """`target_logprobs` keyword arguments under the prompt as it is now (with gradients)."""
+        return scoring_inputs(self.model, self.config.method, self.trainable(), self._label_head())
+
+    def current(self) -> dict[str, Tensor]:
+        """The trained tensors as they are now, detached: what is kept when validation improves."""
+        trained = {"prompt": materialize(self.trainable)}
+        if self._label_head() is not None:
+            trained["label_head"] = self._label_head().detach().clone()
+        return trained
+
+    def cache(self, trained: dict[str, Tensor]) -> PromptCache:
+        return prompt_cache(self.model, self.config.method, trained["prompt"], trained.get("label_head"))
+
+    def keep_best(self, trained: dict[str, Tensor], summary: dict) -> None:
+        """Nothing to write until the end: the best prompt is a few KB, kept in memory (and in checkpoints)."""
+
+    def result(self, best: dict[str, Tensor], summary: dict, out: Path) -> SoftPrompt:
+        tensor = best["prompt"].cpu()
+        head = best.get("label_head")
+        summary = {**summary, "trainable_parameters": parameter_count(self.trainable)}
+        return SoftPrompt(embeddings=tensor if self.config.method == "prompt" else None,
+                          key_values=tensor if self.config.method == "prefix" else None,
+                          label_head=None if head is None else head.cpu(), base_model=self.model.name,
+                          fingerprint=self.model.fingerprint, task=self.task, init=self.config.init, training=summary)
+
+    def _label_head(self) -> Tensor | None:
+        return getattr(self.trainable, "label_head", None)

@@ -13,7 +13,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
 from ..bank import PromptBank, UnknownPrompt
-from ..ensemble import ensemble
+from ..ensemble import ensemble, require_shared_labels
 from ..errors import SoftPromptError
 from .batcher import Batcher
 from .metrics import Metrics
@@ -62,29 +62,91 @@ class EnsembleRequest(BaseModel):
     inputs: list[Input] = Field(min_length=1)
 
 
+class Service:
+    """What the endpoints share: the bank, one batcher for classification and one for generation, the limits."""
+
+    def __init__(self, bank: PromptBank, max_batch: int, max_wait_ms: float, max_input_chars: int, batching: str):
+        if batching not in ("mixed", "per-prompt"):
+            raise SoftPromptError(f"unknown batching {batching!r}; choose mixed or per-prompt")
+        self.bank, self.max_batch, self.max_input_chars = bank, max_batch, max_input_chars
+        self.metrics = Metrics()
+        group_key = (lambda job: job.items[0][0]) if batching == "per-prompt" else None
+        self.classifier = Batcher(bank.classify, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                                  on_batch=functools.partial(self.metrics.batch, "classify"), group_key=group_key)
+        # generation has its own queue and worker: a batch decodes for up to max_new_tokens steps, which classify
+        # requests should not wait behind
+        self.generator = Batcher(bank.generate_mixed, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                                 on_batch=functools.partial(self.metrics.batch, "generate"), group_key=group_key)
+
+    def rows(self, prompt_name: str, inputs: list[Input], classify: bool) -> list[dict[str, str]]:
+        """Validate the prompt's kind and the inputs against its template before they join a batch (a batch fails
+        as a whole)."""
+        try:
+            task = self.bank.entry(prompt_name).prompt.task
+        except UnknownPrompt as error:
+            raise HTTPException(404, str(error)) from None
+        fields, result = task.fields, []
+        try:
+            task.require_kind(classify, prompt_name)
+            for number, value in enumerate(inputs):
+                if isinstance(value, str):
+                    if len(fields) != 1:
+                        raise SoftPromptError(f"inputs[{number}]: prompt {prompt_name!r} has fields {fields}; "
+                                              "send an object with each field")
+                    value = {fields[0]: value}
+                result.append(task.template_values(value, f"inputs[{number}] for prompt {prompt_name!r}"))
+        except SoftPromptError as error:
+            raise HTTPException(422, str(error)) from None
+        for number, value in enumerate(result):
+            size = sum(map(len, value.values()))
+            if size > self.max_input_chars:
+                raise HTTPException(413, f"inputs[{number}] has {size} characters; the limit is "
+                                         f"{self.max_input_chars}")
+        return result
+
+    def check_batch(self, count: int) -> None:
+        if count > self.max_batch:
+            raise HTTPException(413, f"{count} inputs in one request; the limit is {self.max_batch} (--max-batch)")
+
+    async def run(self, batcher: Batcher, items: list[tuple]) -> list:
+        try:
+            return await batcher.submit(items)
+        except SoftPromptError as error:
+            raise HTTPException(422, str(error)) from None
+
+    async def ensemble(self, request: EnsembleRequest) -> dict:
+        self.check_batch(len(request.inputs) * len(request.prompts))
+        per_prompt = {name: self.rows(name, request.inputs, classify=True) for name in request.prompts}
+        try:
+            require_shared_labels([self.bank.entry(name).prompt.task.labels for name in request.prompts])
+        except SoftPromptError as error:
+            raise HTTPException(422, str(error)) from None
+        items = [(name, per_prompt[name][i]) for i in range(len(request.inputs)) for name in request.prompts]
+        predictions = await self.run(self.classifier, items)
+        width, results = len(request.prompts), []
+        for i in range(len(request.inputs)):
+            group = predictions[i * width : (i + 1) * width]
+            answer = ensemble(group)
+            results.append({"label": answer.label, "mean_label": answer.mean_label, "scores": answer.scores,
+                            "votes": answer.votes,
+                            "per_prompt": {name: p.label for name, p in zip(request.prompts, group)}})
+        return {"prompts": request.prompts, "results": results}
+
+
 def create_app(bank: PromptBank, api_key: str | None = None, max_batch: int = 32, max_wait_ms: float = 5.0,
                max_input_chars: int = 20_000, batching: str = "mixed") -> FastAPI:
     """`batching="per-prompt"` keeps each forward pass to one prompt: the baseline mixed batching is measured
     against (bench/serve.py)."""
-    if batching not in ("mixed", "per-prompt"):
-        raise SoftPromptError(f"unknown batching {batching!r}; choose mixed or per-prompt")
-    metrics = Metrics()
-    group_key = (lambda job: job.items[0][0]) if batching == "per-prompt" else None
-    classifier = Batcher(bank.classify, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                         on_batch=functools.partial(metrics.batch, "classify"), group_key=group_key)
-    # generation has its own queue and worker: a batch decodes for up to max_new_tokens steps, which classify
-    # requests should not wait behind
-    generator = Batcher(bank.generate_mixed, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                        on_batch=functools.partial(metrics.batch, "generate"), group_key=group_key)
+    service = Service(bank, max_batch, max_wait_ms, max_input_chars, batching)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        classifier.close()
-        generator.close()
+        service.classifier.close()
+        service.generator.close()
 
     app = FastAPI(title="softprompt", lifespan=lifespan)
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(RequestMetrics, metrics=service.metrics)
 
     async def authorize(authorization: str | None = Header(None), x_api_key: str | None = Header(None)) -> None:
         # async: a plain `def` dependency would cost every request a hop to the thread pool
@@ -94,49 +156,43 @@ def create_app(bank: PromptBank, api_key: str | None = None, max_batch: int = 32
         if given is None or not secrets.compare_digest(given, api_key):
             raise HTTPException(401, "missing or wrong API key (send 'Authorization: Bearer KEY' or 'X-API-Key')")
 
-    def rows(prompt_name: str, inputs: list[Input], classify: bool) -> list[dict[str, str]]:
-        """Validate the prompt's kind and the inputs against its template before they join a batch (a batch fails
-        as a whole)."""
-        try:
-            entry = bank.entry(prompt_name)
-        except UnknownPrompt as error:
-            raise HTTPException(404, str(error)) from None
-        task = entry.prompt.task
-        if task.is_classification != classify:
-            raise HTTPException(422, f"prompt {prompt_name!r} generates text: use POST /v1/generate" if classify
-                                else f"prompt {prompt_name!r} is a classifier: use POST /v1/classify")
-        fields = task.fields
-        result = []
-        for number, value in enumerate(inputs):
-            if isinstance(value, str):
-                if len(fields) != 1:
-                    raise HTTPException(422, f"inputs[{number}]: prompt {prompt_name!r} has fields {fields}; "
-                                             "send an object with each field")
-                value = {fields[0]: value}
-            missing = task.missing_field(value)
-            if missing:
-                raise HTTPException(422, f"inputs[{number}]: missing field {missing!r} for prompt {prompt_name!r}")
-            size = sum(len(value[name]) for name in fields)
-            if size > max_input_chars:
-                raise HTTPException(413, f"inputs[{number}] has {size} characters; the limit is {max_input_chars}")
-            result.append({name: value[name] for name in fields})
-        return result
+    add_task_routes(app, service, Depends(authorize))
+    add_operations_routes(app, service, Depends(authorize))
+    return app
 
-    def check_batch(count: int) -> None:
-        if count > max_batch:
-            raise HTTPException(413, f"{count} inputs in one request; the limit is {max_batch} (--max-batch)")
 
-    async def run(batcher: Batcher, items: list[tuple]) -> list:
-        try:
-            return await batcher.submit(items)
-        except SoftPromptError as error:
-            raise HTTPException(422, str(error)) from None
+def add_task_routes(app: FastAPI, service: Service, authorized) -> None:
+    """classify, generate, ensemble."""
+
+    @app.post("/v1/classify", dependencies=[authorized])
+    async def classify(request: ClassifyRequest) -> dict:
+        service.check_batch(len(request.inputs))
+        fields = service.rows(request.prompt, request.inputs, classify=True)
+        predictions = await service.run(service.classifier, [(request.prompt, row) for row in fields])
+        return {"prompt": request.prompt,
+                "results": [{"label": p.label, "scores": p.scores} for p in predictions]}
+
+    @app.post("/v1/generate", dependencies=[authorized])
+    async def generate(request: GenerateRequest) -> dict:
+        service.check_batch(len(request.inputs))
+        fields = service.rows(request.prompt, request.inputs, classify=False)
+        texts = await service.run(service.generator, [(request.prompt, row, request.max_new_tokens) for row in fields])
+        return {"prompt": request.prompt, "results": [{"text": text} for text in texts]}
+
+    @app.post("/v1/ensemble", dependencies=[authorized])
+    async def ensemble_endpoint(request: EnsembleRequest) -> dict:
+        return await service.ensemble(request)
+
+
+def add_operations_routes(app: FastAPI, service: Service, authorized) -> None:
+    """health, the prompt list, reload, metrics."""
+    bank = service.bank
 
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok", "model": bank.backbone.name, "prompts": len(bank.snapshot.entries)}
 
-    @app.get("/v1/prompts", dependencies=[Depends(authorize)])
+    @app.get("/v1/prompts", dependencies=[authorized])
     def list_prompts() -> dict:
         snapshot = bank.snapshot
         served = [
@@ -155,41 +211,7 @@ def create_app(bank: PromptBank, api_key: str | None = None, max_batch: int = 32
         rejected = [{"file": file, "reason": reason} for file, reason in sorted(snapshot.rejected.items())]
         return {"prompts": served, "rejected": rejected}
 
-    @app.post("/v1/classify", dependencies=[Depends(authorize)])
-    async def classify(request: ClassifyRequest) -> dict:
-        check_batch(len(request.inputs))
-        fields = rows(request.prompt, request.inputs, classify=True)
-        predictions = await run(classifier, [(request.prompt, row) for row in fields])
-        return {"prompt": request.prompt,
-                "results": [{"label": p.label, "scores": p.scores} for p in predictions]}
-
-    @app.post("/v1/generate", dependencies=[Depends(authorize)])
-    async def generate(request: GenerateRequest) -> dict:
-        check_batch(len(request.inputs))
-        fields = rows(request.prompt, request.inputs, classify=False)
-        texts = await run(generator, [(request.prompt, row, request.max_new_tokens) for row in fields])
-        return {"prompt": request.prompt, "results": [{"text": text} for text in texts]}
-
-    @app.post("/v1/ensemble", dependencies=[Depends(authorize)])
-    async def ensemble_endpoint(request: EnsembleRequest) -> dict:
-        check_batch(len(request.inputs) * len(request.prompts))
-        per_prompt = {name: rows(name, request.inputs, classify=True) for name in request.prompts}
-        labels = {tuple(bank.entry(name).prompt.task.labels) for name in request.prompts}
-        if len(labels) > 1:
-            raise HTTPException(422, f"ensembled prompts must share labels; got {sorted(labels)}")
-        items = [(name, per_prompt[name][i]) for i in range(len(request.inputs)) for name in request.prompts]
-        predictions = await run(classifier, items)
-        width = len(request.prompts)
-        results = []
-        for i in range(len(request.inputs)):
-            group = predictions[i * width : (i + 1) * width]
-            answer = ensemble(group)
-            results.append({"label": answer.label, "mean_label": answer.mean_label, "scores": answer.scores,
-                            "votes": answer.votes,
-                            "per_prompt": {name: p.label for name, p in zip(request.prompts, group)}})
-        return {"prompts": request.prompts, "results": results}
-
-    @app.post("/v1/prompts/reload", dependencies=[Depends(authorize)])
+    @app.post("/v1/prompts/reload", dependencies=[authorized])
     async def reload() -> dict:
         if bank.directory is None:
             raise HTTPException(409, "this server was not started from a prompt directory")
@@ -198,6 +220,4 @@ def create_app(bank: PromptBank, api_key: str | None = None, max_batch: int = 32
     @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus() -> str:
         snapshot = bank.snapshot
-        return metrics.render(len(snapshot.entries), len(snapshot.rejected))
-
-    return app
+        return service.metrics.render(len(snapshot.entries), len(snapshot.rejected))

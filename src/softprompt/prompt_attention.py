@@ -1,14 +1,14 @@
 """Prompt keys/values as plain tensors inside attention, instead of a transformers `DynamicCache`.
 
-The cached path (backbone.py) used to hand each layer its prompt keys/values through a `DynamicCache`. That works
+A transformers `DynamicCache` can hand each layer its prompt keys/values too (routes.py, CACHE_OBJECT), and works
 everywhere, but the cache object is hostile to `torch.compile` (its per-layer state becomes a guard that differs
 per layer, so dynamo recompiles and gives up), and transformers rebuilds a mask around the past for every call.
-Here the keys/values travel as a keyword argument (`prefix_key_values`, one (keys, values) pair per layer) that
+Here the keys/values travel as a keyword argument (`prompt_key_values`, one (keys, values) pair per layer) that
 transformers forwards to the attention function, which puts them in front of the tokens' own keys/values and runs
 the usual SDPA. When every prompt slot is real, that attention is plain causal aligned to the lower right (each
 token sees its whole prompt, then the tokens up to itself; right padding is never seen by a real token), which
 SDPA runs with no mask tensor (`lower_right_attention`); prompts padded to a common width get an explicit mask
-(`prefix_causal_mask`), built once per batch.
+(`prompt_causal_mask`), built once per batch.
 
 In training the prompt changes every step, so its keys/values must be recomputed each step. Instead of a separate
 batch-1 pass for them (which doubles the kernel launches that bound a GPU step), `PackedPrompts` runs prompts and
@@ -125,8 +125,8 @@ def packed_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value:
     return torch.cat([prompt_out.flatten(0, 1), token_out.flatten(0, 1)]).unsqueeze(0), None
 
 
-def prefix_sdpa_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                          attention_mask: Tensor | None, prefix_key_values: list[tuple[Tensor, Tensor]] | None = None,
+def prompt_sdpa_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                          attention_mask: Tensor | None, prompt_key_values: list[tuple[Tensor, Tensor]] | None = None,
                           packed_prompts: PackedPrompts | None = None, token_bias: CausalBias | None = None,
                           ragged_rows: RaggedRows | None = None, **kwargs) -> tuple[Tensor, None]:
     """SDPA with this layer's prompt keys/values [B, kv_heads, W, head_dim] in front of the tokens' own, or, for a
@@ -137,20 +137,20 @@ def prefix_sdpa_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
         return packed_attention(module, query, key, value, packed_prompts, **kwargs)
     if ragged_rows is not None:
         query, key, value = map(ragged_rows.pad, (query, key, value))
-        output, _ = prefix_sdpa_attention(module, query, key, value, attention_mask, prefix_key_values,
+        output, _ = prompt_sdpa_attention(module, query, key, value, attention_mask, prompt_key_values,
                                           token_bias=token_bias, **kwargs)
         return ragged_rows.unpad(output), None
-    if prefix_key_values is not None:
-        prefix_keys, prefix_values = prefix_key_values[module.layer_idx]
-        key = torch.cat([prefix_keys.to(key.dtype), key], dim=2)
-        value = torch.cat([prefix_values.to(value.dtype), value], dim=2)
+    if prompt_key_values is not None:
+        prompt_keys, prompt_values = prompt_key_values[module.layer_idx]
+        key = torch.cat([prompt_keys.to(key.dtype), key], dim=2)
+        value = torch.cat([prompt_values.to(value.dtype), value], dim=2)
         if token_bias is not None:
             return lower_right_attention(query, key, value, token_bias, **kwargs), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-AttentionInterface.register(NAME, prefix_sdpa_attention)
-AttentionMaskInterface.register(NAME, sdpa_mask)  # without a prefix it is plain SDPA, masks included
+AttentionInterface.register(NAME, prompt_sdpa_attention)
+AttentionMaskInterface.register(NAME, sdpa_mask)  # without prompt keys/values it is plain SDPA, masks included
 
 
 def supports(model: PreTrainedModel) -> bool:
@@ -158,21 +158,21 @@ def supports(model: PreTrainedModel) -> bool:
 
 
 def enable(model: PreTrainedModel) -> None:
-    """Route the model's attention through `prefix_sdpa_attention` (identical to SDPA when no prefix is given)."""
+    """Route the model's attention through `prompt_sdpa_attention` (identical to SDPA without prompt keys/values)."""
     model.set_attn_implementation(NAME)
 
 
 def fits(model: PreTrainedModel, total_length: int) -> bool:
-    """The prefix mask is a full causal mask: exact for sliding-window layers only while everything fits the window."""
+    """The prompt mask is a full causal mask: exact for sliding-window layers only while everything fits the window."""
     window = getattr(model.config, "sliding_window", None)
     return window is None or total_length <= window
 
 
-def prefix_causal_mask(prefix_mask: Tensor, token_mask: Tensor) -> Tensor:
+def prompt_causal_mask(prompt_mask: Tensor, token_mask: Tensor) -> Tensor:
     """[B, 1, T, W + T] bool, True where a query may look: its prompt's real slots, then the real tokens up to
-    itself. `prefix_mask` [B, W] (per row, already gathered), `token_mask` [B, T] (right padding)."""
+    itself. `prompt_mask` [B, W] (per row, already gathered), `token_mask` [B, T] (right padding)."""
     length = token_mask.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=token_mask.device).tril()
     tokens = causal.unsqueeze(0) & token_mask.bool().unsqueeze(1)
-    prompt = prefix_mask.bool().unsqueeze(1).expand(-1, length, -1)
+    prompt = prompt_mask.bool().unsqueeze(1).expand(-1, length, -1)
     return torch.cat([prompt, tokens], dim=2).unsqueeze(1)
