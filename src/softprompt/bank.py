@@ -47,7 +47,7 @@ class Snapshot:
 class PromptBank:
     """`max_padding`: a batch whose rows differ in length runs as length-sorted sub-batches with at most this share
     of padded positions. None: 0.25 on a CPU whose backbone computes padding (padding costs what real tokens cost
-    there and another forward pass little; Rotten Tomatoes requests in batches of 16 are ~39% padding); no
+    there and another forward pass little; docs/benchmarks.md measures the padding of real request mixes); no
     splitting where the backbone drops padding itself (`Backbone.drops_padding`) or on a GPU, where a batch's cost
     is mostly its kernel launches."""
 

@@ -103,14 +103,14 @@ class CausalLM(Backbone):
         """Keys/values of BOS + each prompt, computed once: reusable for every example with that prompt."""
         if label_heads is not None:
             raise SoftPromptError(f"{self.name!r} scores labels with its LM head; a label head is for encoders")
-        prefix = self.prompt_embeddings(prompts)
-        count, length = prefix.shape[0], prefix.shape[1]
+        in_front = self.prompt_embeddings(prompts)
+        count, length = in_front.shape[0], in_front.shape[1]
         mask = torch.ones(count, length, dtype=torch.long, device=self.device)
         lengths = torch.full((count,), length, dtype=torch.long, device=self.device)
         if length == 0:
             return PromptCache([], mask, lengths)
         positions = torch.arange(length, device=self.device).unsqueeze(0).expand(count, -1)
-        output = self.run_decoder(inputs_embeds=prefix, position_ids=positions, use_cache=True)
+        output = self.run_decoder(inputs_embeds=in_front, position_ids=positions, use_cache=True)
         return PromptCache([(layer.keys, layer.values) for layer in output.past_key_values.layers], mask, lengths)
 
     def deep_prompt_cache(self, key_values: Tensor) -> PromptCache:

@@ -113,9 +113,9 @@ def request_embeddings(backbone: Backbone, prompt: SoftPrompt, examples: list[Ex
     prompt.check_backbone(backbone)
     task_tokenizer = TaskTokenizer(backbone, prompt.task, max_input_tokens)
     with torch.no_grad():
-        prefix = backbone.prompt_embeddings(prompt.embeddings.to(backbone.device).unsqueeze(0))[0]
-        return [torch.cat([prefix, backbone.embed(torch.tensor(item.input_ids, device=backbone.device))]).float().cpu()
-                for item in task_tokenizer.encode_all(examples)]
+        in_front = backbone.prompt_embeddings(prompt.embeddings.to(backbone.device).unsqueeze(0))[0]
+        rows = [torch.tensor(item.input_ids, device=backbone.device) for item in task_tokenizer.encode_all(examples)]
+        return [torch.cat([in_front, backbone.embed(ids)]).float().cpu() for ids in rows]
 
 
 def embedding_scale(backbone: Backbone) -> float:
@@ -131,9 +131,9 @@ def export_prompt_embeds(prompt: SoftPrompt, backbone: Backbone, path: str | Pat
     require_input_prompt(prompt, "a prompt-embeds export")
     prompt.check_backbone(backbone)
     with torch.no_grad():
-        prefix = backbone.prompt_embeddings(prompt.embeddings.to(backbone.device).unsqueeze(0))[0].float().cpu()
+        in_front = backbone.prompt_embeddings(prompt.embeddings.to(backbone.device).unsqueeze(0))[0].float().cpu()
     metadata = {"format": PROMPT_EMBEDS_FORMAT, "base_model": prompt.base_model, "fingerprint": prompt.fingerprint,
                 "task": json.dumps(prompt.task.to_dict()), "bos_ids": json.dumps(backbone.bos_ids),
                 "embedding_scale": repr(embedding_scale(backbone))}
-    return write_atomically(path, lambda tmp: save_file({"prefix_embeds": prefix.contiguous()}, str(tmp),
+    return write_atomically(path, lambda tmp: save_file({"prefix_embeds": in_front.contiguous()}, str(tmp),
                                                         metadata=metadata))

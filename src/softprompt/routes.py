@@ -83,12 +83,12 @@ def packed(lm: CausalLM, rows: Rows) -> Tensor:
     """Prompts and tokens in one flattened row; attention splits it per layer (no mask needed, see
     `prompt_attention.packed_attention`)."""
     count_rows, length = rows.input_ids.shape
-    prefix = lm.prompt_embeddings(rows.prompts)
-    count, width = prefix.shape[0], prefix.shape[1]
+    in_front = lm.prompt_embeddings(rows.prompts)
+    count, width = in_front.shape[0], in_front.shape[1]
     # No views go into the compiled layers (the row is a cat, the index a copy): a view's base size becomes a
     # guard that the next call fails (another compile), e.g. the first layer's input vs every later layer's.
-    embeds = torch.cat([prefix.view(1, -1, lm.d_model),
-                        lm.embed(rows.input_ids).view(1, -1, lm.d_model).to(prefix.dtype)], dim=1)
+    embeds = torch.cat([in_front.view(1, -1, lm.d_model),
+                        lm.embed(rows.input_ids).view(1, -1, lm.d_model).to(in_front.dtype)], dim=1)
     positions = torch.cat([torch.arange(width, device=lm.device).repeat(count),
                            torch.arange(width, width + length, device=lm.device).repeat(count_rows)])
     packing = prompt_attention.PackedPrompts(count, width, count_rows, length, rows.prompt_index.clone(),
@@ -147,9 +147,9 @@ def cache_object(lm: CausalLM, rows: Rows) -> Tensor:
 
 def concat(lm: CausalLM, rows: Rows) -> Tensor:
     count, length = rows.input_ids.shape
-    prefix = lm.prompt_embeddings(rows.prompts)
-    width = prefix.shape[1]
-    embeds = torch.cat([prefix[rows.prompt_index], lm.embed(rows.input_ids)], dim=1)
+    in_front = lm.prompt_embeddings(rows.prompts)
+    width = in_front.shape[1]
+    embeds = torch.cat([in_front[rows.prompt_index], lm.embed(rows.input_ids)], dim=1)
     mask = torch.cat([rows.mask.new_ones(count, width), rows.mask], dim=1)
     positions = torch.arange(width + length, device=lm.device).unsqueeze(0).expand(count, -1)
     hidden = lm.run_decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
