@@ -214,3 +214,64 @@ def test_more_devices_than_the_machine_has_is_an_error(tiny_model_dir, data_file
     code, _, stderr = run(["train", "--model", tiny_model_dir, "--data", data_files / "train.jsonl",
                            "--devices", 4096, "--out", data_files / "p.safetensors"], capsys)
     assert code == 2 and "--devices 4096: this machine has" in stderr
+
+
+def test_train_options_are_the_train_config_fields_with_their_defaults_and_help(capsys, monkeypatch):
+    import dataclasses
+
+    import typer
+
+    from softprompt.config import TrainConfig, cli_flag
+
+    command = typer.main.get_command(cli.app).commands["train"]
+    options = {param.name: param for param in command.params}
+    for field in dataclasses.fields(TrainConfig):
+        option = options.pop(field.name)
+        assert option.help == field.metadata["help"] and option.default == field.default
+    assert set(options) == {"out", "model", "data", "valid", "test", "template", "labels", "text_field",
+                            "label_field", "resume", "precision", "baseline", "generate", "device_map", "devices"}
+    flags = {param.name: param.opts + param.secondary_opts for param in command.params}
+    assert flags["max_input_tokens"] == ["--max-length"] and flags["route"] == ["--route"]
+    assert flags["compile"] == ["--compile", "--no-compile"] and flags["valid_limit"] == ["--valid-limit"]
+    monkeypatch.setattr("typer.rich_utils.MAX_WIDTH", 300)  # one line per option
+    code, stdout, _ = run(["train", "--help"], capsys)
+    assert code == 0
+    lines = {line.split()[1]: line for line in stdout.splitlines() if line.startswith("│    --")}
+    for field in dataclasses.fields(TrainConfig):
+        shown = f"no-{cli_flag(field)[2:]}" if field.default is False else field.default
+        assert field.metadata["help"] in lines[cli_flag(field)]
+        assert (f"[default: {shown}]" in lines[cli_flag(field)]) == (field.default is not None)
+
+
+def test_config_options_turn_command_line_values_into_a_config():
+    import typer
+    from typer.testing import CliRunner
+
+    from softprompt.config import TrainConfig
+
+    seen = {}
+    app = typer.Typer()
+
+    @app.command()
+    @cli.config_options(TrainConfig)
+    def command(name: str = "x", *, config: TrainConfig, after: int = 1) -> None:
+        seen.update(name=name, config=config, after=after)
+
+    result = CliRunner().invoke(app, ["--valid-limit", "0", "--max-length", "64", "--route", "concat", "--compile",
+                                      "--lr", "0.5", "--compile-mode", "default", "--after", "2"])
+    assert result.exit_code == 0, result.output
+    assert seen["config"] == TrainConfig(valid_limit=None, max_input_tokens=64, route="concat", compile=True, lr=0.5,
+                                         compile_mode="default")
+    assert (seen["name"], seen["after"]) == ("x", 2)
+    CliRunner().invoke(app, [])
+    assert seen["config"] == TrainConfig()
+    with pytest.raises(TypeError, match="needs a `config` parameter"):
+        cli.config_options(TrainConfig)(lambda steps=1: None)
+
+
+def test_bad_train_options_fail_before_any_model_loads(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load_dataset", lambda *args, **kwargs: pytest.fail("loaded data"))
+    code, _, stderr = run(["train", "--out", "p.safetensors", "--steps", 0], capsys)
+    assert code == 2 and "error: --steps must be >= 1, got 0" in stderr
+    code, _, stderr = run(["train", "--out", "p.safetensors", "--route", "cached"], capsys)
+    assert code == 2 and "--route: unknown route 'cached'; choose auto, concat" in stderr

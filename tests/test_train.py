@@ -199,8 +199,8 @@ def test_generation_task_trains_on_the_target_text(tmp_path, llama_backbone):
     assert 0.0 <= result.best_metric <= 1.0 and result.steps_run == 4
 
 
-@pytest.mark.parametrize("path", ["cached", "concat"])
-def test_activation_checkpointing_recomputes_layers_and_trains_the_same_prompt(tmp_path, llama_backbone, path,
+@pytest.mark.parametrize("route", ["auto", "concat"])
+def test_activation_checkpointing_recomputes_layers_and_trains_the_same_prompt(tmp_path, llama_backbone, route,
                                                                               packed_calls):
     """The default path stays packed under checkpointing (prompt and tokens in one pass); concat is the reference."""
     attention = llama_backbone.model.model.layers[0].self_attn
@@ -210,7 +210,7 @@ def test_activation_checkpointing_recomputes_layers_and_trains_the_same_prompt(t
     for checkpointing in (False, True):
         calls.clear()
         packed_calls.clear()
-        cfg = config(steps=3, eval_every=3, path=path, activation_checkpointing=checkpointing)
+        cfg = config(steps=3, eval_every=3, route=route, activation_checkpointing=checkpointing)
         runs[checkpointing] = train(llama_backbone, TASK, examples(16), examples(4, 50),
                                     tmp_path / f"{checkpointing}.safetensors", cfg, show_progress=False)
         runs[checkpointing, "calls"], runs[checkpointing, "packed"] = len(calls), len(packed_calls)
@@ -218,7 +218,7 @@ def test_activation_checkpointing_recomputes_layers_and_trains_the_same_prompt(t
     torch.testing.assert_close(runs[True].prompt.embeddings, runs[False].prompt.embeddings, atol=1e-6, rtol=0)
     assert runs[True, "calls"] == runs[False, "calls"] + 3  # each training step ran layer 0's attention twice
     layers = llama_backbone.model.config.num_hidden_layers
-    assert runs[False, "packed"] == (3 * layers if path == "cached" else 0)
+    assert runs[False, "packed"] == (3 * layers if route == "auto" else 0)
     assert runs[True, "packed"] == 2 * runs[False, "packed"]
     assert not llama_backbone.model.model.layers[0].training  # switched back off after training
 

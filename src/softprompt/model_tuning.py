@@ -144,8 +144,8 @@ def _train_copy(backbone: Backbone, task: TaskSpec, train_examples: list[Example
         bar = progress.add_task(status_text(state, None), total=config.steps)
         while state["step"] < config.steps:
             indices = batch_for_step(train_items, config, state["step"])
-            loss = prompt_loss(tuned, encoder, [train_items[i] for i in indices], None, config.path,
-                               config.objective)
+            route = "cached" if config.route == "auto" else config.route
+            loss = prompt_loss(tuned, encoder, [train_items[i] for i in indices], None, route, config.objective)
             check_finite(loss, state["step"], tuned.precision)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

@@ -22,6 +22,7 @@ from transformers.optimization import Adafactor
 
 from . import distributed
 from .backbone import Backbone
+from .config import DEFAULT_LR, MODEL_TUNING_LR, TrainConfig  # noqa: F401 (the LRs: re-exported)
 from .data import Encoded, Encoder, Example
 from .errors import SoftPromptError
 from .evaluate import generate_texts, label_scores, sum_label_tokens
@@ -30,43 +31,6 @@ from .initializers import initialize
 from .prompt import SoftPrompt, prefix_cache, prefix_from_embeddings
 from .tasks import TaskSpec
 from .trainable import materialize, parameter_count, trainable_prompt
-
-DEFAULT_LR = {"adamw": 0.01, "adafactor": 0.3}  # adafactor: the paper preset (see README, "Defaults")
-MODEL_TUNING_LR = {"adamw": 2e-5, "adafactor": 1e-4}  # every weight trains: steps must be far smaller
-
-
-@dataclass
-class TrainConfig:
-    prompt_length: int = 20
-    init: str = "class-label"
-    optimizer: str = "adamw"
-    lr: float | None = None  # None: DEFAULT_LR for the optimizer
-    weight_decay: float = 1e-5
-    batch_size: int = 16
-    steps: int = 200
-    eval_every: int = 25
-    patience: int = 4  # evaluations without improvement before stopping; 0 = never stop early
-    valid_limit: int | None = 300  # validation examples scored at each evaluation (None = all)
-    max_input_tokens: int = 256
-    seed: int = 0
-    path: str = "cached"  # "cached" prompt keys/values, or the "concat" reference
-    schedule: str = "linear"  # learning rate: "linear" decay to 0 over `steps`, or "constant"
-    method: str = "prompt"  # "prompt": input embeddings (the paper); "prefix": keys/values at every layer;
-    # "model-tuning": the baseline, every model weight trains (model_tuning.py)
-    objective: str = "rank"  # "rank": cross-entropy over the labels' scores; "lm": label tokens' NLL (paper)
-    reparameterize: int = 0  # deep prompts: hidden width of prefix-tuning's MLP reparameterization (0: none)
-    activation_checkpointing: bool = False  # recompute layer activations in backward: less memory, more time
-    compile: bool = False  # torch.compile the decoder layers (Backbone.compile; the first step compiles)
-    compile_mode: str | None = None  # torch.compile's mode, e.g. "reduce-overhead" (CUDA graphs); implies compile
-
-    @property
-    def learning_rate(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        defaults = MODEL_TUNING_LR if self.method == "model-tuning" else DEFAULT_LR
-        if self.optimizer not in defaults:
-            raise SoftPromptError(f"unknown optimizer {self.optimizer!r}; choose adamw or adafactor")
-        return defaults[self.optimizer]
 
 
 @dataclass
@@ -83,9 +47,7 @@ def make_optimizer(config: TrainConfig, parameters: list[torch.Tensor]) -> torch
     if config.optimizer == "adafactor":
         return Adafactor(parameters, lr=config.learning_rate, scale_parameter=False, relative_step=False,
                          warmup_init=False, weight_decay=config.weight_decay)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    raise SoftPromptError(f"unknown optimizer {config.optimizer!r}; choose adamw or adafactor")
+    return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
 def make_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer,
@@ -94,9 +56,7 @@ def make_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer,
     if config.schedule == "linear":
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: max(0.0, 1 - (start_step + step) / config.steps))
-    if config.schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    raise SoftPromptError(f"unknown schedule {config.schedule!r}; choose linear or constant")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # "constant", the other choice
 
 
 def batch_order(items: list[Encoded], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -127,8 +87,6 @@ def prompt_loss(backbone: Backbone, encoder: Encoder, items: list[Encoded], prom
     "lm": negative log-likelihood of the gold label's tokens over the whole vocabulary (the paper's objective).
     "rank": cross-entropy over the labels' summed log-probs, i.e. exactly what rank classification decides on.
     """
-    if objective not in ("rank", "lm"):
-        raise SoftPromptError(f"unknown objective {objective!r}; choose rank or lm")
     if method == "prompt" or prompt is None:
         inputs = {"prompts": None if prompt is None else prompt.unsqueeze(0), "path": path}
     else:  # deep prompts are keys/values already: there is nothing to concatenate
@@ -201,10 +159,6 @@ def train(
         initial = prefix_from_embeddings(backbone, embeddings)
     elif config.method == "model-tuning":
         raise SoftPromptError("model tuning trains the model, not a prompt: use model_tuning.tune_model")
-    elif config.method != "prompt":
-        raise SoftPromptError(f"unknown method {config.method!r}; choose prompt, prefix or model-tuning")
-    if config.reparameterize and config.method != "prefix":
-        raise SoftPromptError("--reparameterize applies to deep prompts (--method prefix) only")
     if config.activation_checkpointing and config.method == "prefix":
         # checkpointed layers drop a cache object, the only other way deep prompts reach attention
         backbone.require_plain_prefix("--activation-checkpointing with --method prefix")
@@ -241,7 +195,8 @@ def train(
             local = distributed.shard(indices)  # all of it in a single process
             # Scaled so that the gradients summed over processes are the gradient of the global batch mean.
             with backbone.activation_checkpointing() if config.activation_checkpointing else contextlib.nullcontext():
-                loss = prompt_loss(backbone, encoder, [train_items[i] for i in local], trainable(), config.path,
+                route = "cached" if config.route == "auto" else config.route
+                loss = prompt_loss(backbone, encoder, [train_items[i] for i in local], trainable(), route,
                                    config.objective, config.method) * (len(local) / len(indices))
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
