@@ -1,6 +1,7 @@
 """The CLI end to end on a tiny model saved to a local directory (fast), plus its error messages."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -275,3 +276,60 @@ def test_bad_train_options_fail_before_any_model_loads(capsys, monkeypatch):
     assert code == 2 and "error: --steps must be >= 1, got 0" in stderr
     code, _, stderr = run(["train", "--out", "p.safetensors", "--route", "cached"], capsys)
     assert code == 2 and "--route: unknown route 'cached'; choose auto, concat" in stderr
+
+
+def test_devices_option_is_dropped_from_the_command_each_process_runs(monkeypatch):
+    from softprompt import distributed
+
+    argv = ["train", "--devices", "2", "--out", "p", "--devices=3", "--steps", "4"]
+    assert distributed.without_devices_option(argv) == ["train", "--out", "p", "--steps", "4"]
+    assert argv[1] == "--devices"  # the caller's list is left alone
+    assert distributed.without_devices_option(["eval", "--limit", "2"]) == ["eval", "--limit", "2"]
+    launched = []
+    monkeypatch.setattr(distributed, "launch", lambda devices, argv: launched.append((devices, argv)) or 7)
+    assert distributed.launch_command(2, argv) == 7 and launched == [(2, ["train", "--out", "p", "--steps", "4"])]
+
+
+def tiny_prompt(base_model="tiny", length=3, d=8, seed=0):
+    from softprompt.tasks import TaskSpec
+
+    task = TaskSpec(name="sentiment", template="Review: {text}\nSentiment:", labels=["negative", "positive"])
+    return SoftPrompt(torch.randn(length, d, generator=torch.Generator().manual_seed(seed)), base_model, "fp", task)
+
+
+def test_export_npy_writes_the_prompt_array(tmp_path, capsys):
+    import numpy as np
+
+    prompt = tiny_prompt()
+    prompt.save(tmp_path / "p.safetensors")
+    code, stdout, stderr = run(["export", tmp_path / "p.safetensors", "--format", "npy", "--out",
+                                tmp_path / "p.array"], capsys)
+    assert code == 0, stderr
+    array = np.load(tmp_path / "p.array", allow_pickle=False)  # no ".npy" appended to the name given
+    assert array.dtype == np.float32 and np.array_equal(array, prompt.embeddings.numpy())
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["p.array", "p.safetensors"]  # no temp file left
+
+
+def test_unknown_export_format_is_an_error(tmp_path, capsys):
+    tiny_prompt().save(tmp_path / "p.safetensors")
+    code, _, stderr = run(["export", tmp_path / "p.safetensors", "--format", "onnx", "--out", tmp_path / "x"], capsys)
+    assert code == 2 and "unknown export format 'onnx'; choose peft, npy or prompt-embeds" in stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_prompt_files_skip_checkpoints_and_base_model_of_wants_one_model(tmp_path):
+    from softprompt.errors import SoftPromptError
+    from softprompt.prompt import base_model_of, prompt_files
+
+    tiny_prompt("model-a").save(tmp_path / "b.safetensors")
+    tiny_prompt("model-a").save(tmp_path / "a.safetensors")
+    tiny_prompt("model-b").save(tmp_path / "a.safetensors.ckpt.safetensors")
+    (tmp_path / "notes.txt").write_text("not a prompt")
+    assert prompt_files(tmp_path) == [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    assert base_model_of(tmp_path) == "model-a"  # the checkpoint's model does not count
+    tiny_prompt("model-b").save(tmp_path / "c.safetensors")
+    with pytest.raises(SoftPromptError, match=re.escape(
+            f"give --model: the prompts in {tmp_path} name base models ['model-a', 'model-b']")):
+        base_model_of(tmp_path)
+    with pytest.raises(SoftPromptError, match="name base models none"):
+        base_model_of(tmp_path / "empty")

@@ -19,13 +19,14 @@ from . import models as model_registry
 from .backbone import Backbone, load_model
 from .config import TrainConfig, cli_flag
 from .data import BUILTIN_DATASETS, Dataset, Example, load_dataset, load_file_examples
-from .distributed import init_from_environment, is_main, launch, world_size
+from .distributed import init_from_environment, is_main, launch_command, world_size
 from .errors import SoftPromptError
 from .evaluate import Report, evaluate
 from .evaluate import predict as predict_examples
 from .model_tuning import tune_model
-from .prompt import SoftPrompt
+from .prompt import SoftPrompt, base_model_of
 from .tasks import unescape
+from .train import record_test_results
 from .train import train as train_prompt
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prompt tuning for frozen language models.")
@@ -146,10 +147,7 @@ def train(
 ) -> None:
     """Train a soft prompt on a frozen model; prints zero-shot and trained test accuracy."""
     if devices > 1:
-        argv = sys.argv[1:]
-        cut = next(i for i, arg in enumerate(argv) if arg == "--devices" or arg.startswith("--devices="))
-        del argv[cut : cut + (1 if "=" in argv[cut] else 2)]
-        raise typer.Exit(launch(devices, argv))
+        raise typer.Exit(launch_command(devices, sys.argv[1:]))
     init_from_environment()
     if world_size() > 1 and config.method == "model-tuning":
         raise SoftPromptError("model tuning runs in one process; drop --devices / torchrun")
@@ -175,10 +173,7 @@ def train(
     if dataset.test:
         report = evaluate(backbone, dataset.test, result.prompt, max_input_tokens=max_length)
         _show_report(report, "trained prompt on test")
-        result.prompt.training["test_accuracy"] = report.accuracy
-        if dataset.test and baseline:
-            result.prompt.training["zero_shot_test_accuracy"] = zero_shot.accuracy
-        result.prompt.save(out)
+        record_test_results(result.prompt, out, report.accuracy, zero_shot.accuracy if zero_shot else None)
     console.print(f"saved prompt to [bold]{out}[/]")
 
 
@@ -315,12 +310,7 @@ def serve(
     from .serve import create_app
 
     if model is None:  # headers only: the bank reads (and checks, or rejects) each file once below
-        headers = [SoftPrompt.read_metadata(path) for path in sorted(prompts.glob("*.safetensors"))
-                   if not path.name.endswith(".ckpt.safetensors")]
-        bases = {header["base_model"] for header in headers if header}
-        if len(bases) != 1:
-            raise SoftPromptError(f"give --model: the prompts in {prompts} name base models {sorted(bases) or 'none'}")
-        model = bases.pop()
+        model = base_model_of(prompts)
     bank = PromptBank.from_directory(_load(model, precision, device_map), prompts)
     snapshot = bank.snapshot
     console.print(f"serving {len(snapshot.entries)} prompts on {model} at http://{host}:{port} "
@@ -394,23 +384,10 @@ def export(
 ) -> None:
     """Write a prompt for another tool: a PEFT adapter directory, the paper's [K, d] .npy array, or the
     per-request prefix embeddings a serving engine takes."""
-    from .interop import export_peft, export_prompt_embeds
+    from .interop import export as export_prompt
 
     soft_prompt = SoftPrompt.load(prompt)
-    if format == "peft":
-        export_peft(soft_prompt, out)
-    elif format == "prompt-embeds":
-        export_prompt_embeds(soft_prompt, load_model(model or soft_prompt.base_model, precision), out)
-    elif format == "npy":
-        import numpy as np
-
-        from .files import write_atomically
-        from .interop import require_input_prompt
-
-        require_input_prompt(soft_prompt, "a .npy prompt array")
-        write_atomically(out, lambda tmp: np.save(open(tmp, "wb"), soft_prompt.embeddings.numpy()))
-    else:
-        raise SoftPromptError(f"unknown export format {format!r}; choose peft, npy or prompt-embeds")
+    export_prompt(soft_prompt, out, format, lambda: load_model(model or soft_prompt.base_model, precision))
     console.print(f"wrote {out}")
 
 

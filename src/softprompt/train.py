@@ -330,3 +330,13 @@ def _load_checkpoint(path: Path, trainable: torch.nn.Module, optimizer: torch.op
     if scaler.is_enabled() and scaler_state:
         scaler.load_state_dict(scaler_state)
     return json.loads(metadata["state"]), tensors["best"].to(device)
+
+
+def record_test_results(prompt: SoftPrompt, out: str | Path, test_accuracy: float,
+                        zero_shot_accuracy: float | None = None) -> Path:
+    """Add the trained prompt's test accuracy (and the hand-written template's, when it was scored) to its
+    `training` record, and save it to `out` again (atomically)."""
+    prompt.training["test_accuracy"] = test_accuracy
+    if zero_shot_accuracy is not None:
+        prompt.training["zero_shot_test_accuracy"] = zero_shot_accuracy
+    return prompt.save(out)
