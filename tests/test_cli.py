@@ -1,6 +1,7 @@
 """The CLI end to end on a tiny model saved to a local directory (fast), plus its error messages."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -214,3 +215,121 @@ def test_more_devices_than_the_machine_has_is_an_error(tiny_model_dir, data_file
     code, _, stderr = run(["train", "--model", tiny_model_dir, "--data", data_files / "train.jsonl",
                            "--devices", 4096, "--out", data_files / "p.safetensors"], capsys)
     assert code == 2 and "--devices 4096: this machine has" in stderr
+
+
+def test_train_options_are_the_train_config_fields_with_their_defaults_and_help(capsys, monkeypatch):
+    import dataclasses
+
+    import typer
+
+    from softprompt.config import TrainConfig, cli_flag
+
+    command = typer.main.get_command(cli.app).commands["train"]
+    options = {param.name: param for param in command.params}
+    for field in dataclasses.fields(TrainConfig):
+        option = options.pop(field.name)
+        assert option.help == field.metadata["help"] and option.default == field.default
+    assert set(options) == {"out", "model", "data", "valid", "test", "template", "labels", "text_field",
+                            "label_field", "resume", "precision", "baseline", "generate", "device_map", "devices"}
+    flags = {param.name: param.opts + param.secondary_opts for param in command.params}
+    assert flags["max_input_tokens"] == ["--max-length"] and flags["route"] == ["--route"]
+    assert flags["compile"] == ["--compile", "--no-compile"] and flags["valid_limit"] == ["--valid-limit"]
+    monkeypatch.setattr("typer.rich_utils.MAX_WIDTH", 300)  # one line per option
+    code, stdout, _ = run(["train", "--help"], capsys)
+    assert code == 0
+    lines = {line.split()[1]: line for line in stdout.splitlines() if line.startswith("│    --")}
+    for field in dataclasses.fields(TrainConfig):
+        shown = f"no-{cli_flag(field)[2:]}" if field.default is False else field.default
+        assert field.metadata["help"] in lines[cli_flag(field)]
+        assert (f"[default: {shown}]" in lines[cli_flag(field)]) == (field.default is not None)
+
+
+def test_config_options_turn_command_line_values_into_a_config():
+    import typer
+    from typer.testing import CliRunner
+
+    from softprompt.config import TrainConfig
+
+    seen = {}
+    app = typer.Typer()
+
+    @app.command()
+    @cli.config_options(TrainConfig)
+    def command(name: str = "x", *, config: TrainConfig, after: int = 1) -> None:
+        seen.update(name=name, config=config, after=after)
+
+    result = CliRunner().invoke(app, ["--valid-limit", "0", "--max-length", "64", "--route", "concat", "--compile",
+                                      "--lr", "0.5", "--compile-mode", "default", "--after", "2"])
+    assert result.exit_code == 0, result.output
+    assert seen["config"] == TrainConfig(valid_limit=None, max_input_tokens=64, route="concat", compile=True, lr=0.5,
+                                         compile_mode="default")
+    assert (seen["name"], seen["after"]) == ("x", 2)
+    CliRunner().invoke(app, [])
+    assert seen["config"] == TrainConfig()
+    with pytest.raises(TypeError, match="needs a `config` parameter"):
+        cli.config_options(TrainConfig)(lambda steps=1: None)
+
+
+def test_bad_train_options_fail_before_any_model_loads(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load_dataset", lambda *args, **kwargs: pytest.fail("loaded data"))
+    code, _, stderr = run(["train", "--out", "p.safetensors", "--steps", 0], capsys)
+    assert code == 2 and "error: --steps must be >= 1, got 0" in stderr
+    code, _, stderr = run(["train", "--out", "p.safetensors", "--route", "cached"], capsys)
+    assert code == 2 and "--route: unknown route 'cached'; choose auto, concat" in stderr
+
+
+def test_devices_option_is_dropped_from_the_command_each_process_runs(monkeypatch):
+    from softprompt import distributed
+
+    argv = ["train", "--devices", "2", "--out", "p", "--devices=3", "--steps", "4"]
+    assert distributed.without_devices_option(argv) == ["train", "--out", "p", "--steps", "4"]
+    assert argv[1] == "--devices"  # the caller's list is left alone
+    assert distributed.without_devices_option(["eval", "--limit", "2"]) == ["eval", "--limit", "2"]
+    launched = []
+    monkeypatch.setattr(distributed, "launch", lambda devices, argv: launched.append((devices, argv)) or 7)
+    assert distributed.launch_command(2, argv) == 7 and launched == [(2, ["train", "--out", "p", "--steps", "4"])]
+
+
+def tiny_prompt(base_model="tiny", length=3, d=8, seed=0):
+    from softprompt.tasks import TaskSpec
+
+    task = TaskSpec(name="sentiment", template="Review: {text}\nSentiment:", labels=["negative", "positive"])
+    return SoftPrompt(torch.randn(length, d, generator=torch.Generator().manual_seed(seed)), base_model, "fp", task)
+
+
+def test_export_npy_writes_the_prompt_array(tmp_path, capsys):
+    import numpy as np
+
+    prompt = tiny_prompt()
+    prompt.save(tmp_path / "p.safetensors")
+    code, stdout, stderr = run(["export", tmp_path / "p.safetensors", "--format", "npy", "--out",
+                                tmp_path / "p.array"], capsys)
+    assert code == 0, stderr
+    array = np.load(tmp_path / "p.array", allow_pickle=False)  # no ".npy" appended to the name given
+    assert array.dtype == np.float32 and np.array_equal(array, prompt.embeddings.numpy())
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["p.array", "p.safetensors"]  # no temp file left
+
+
+def test_unknown_export_format_is_an_error(tmp_path, capsys):
+    tiny_prompt().save(tmp_path / "p.safetensors")
+    code, _, stderr = run(["export", tmp_path / "p.safetensors", "--format", "onnx", "--out", tmp_path / "x"], capsys)
+    assert code == 2 and "unknown export format 'onnx'; choose peft, npy or prompt-embeds" in stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_prompt_files_skip_checkpoints_and_base_model_of_wants_one_model(tmp_path):
+    from softprompt.errors import SoftPromptError
+    from softprompt.prompt import base_model_of, prompt_files
+
+    tiny_prompt("model-a").save(tmp_path / "b.safetensors")
+    tiny_prompt("model-a").save(tmp_path / "a.safetensors")
+    tiny_prompt("model-b").save(tmp_path / "a.safetensors.ckpt.safetensors")
+    (tmp_path / "notes.txt").write_text("not a prompt")
+    assert prompt_files(tmp_path) == [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    assert base_model_of(tmp_path) == "model-a"  # the checkpoint's model does not count
+    tiny_prompt("model-b").save(tmp_path / "c.safetensors")
+    with pytest.raises(SoftPromptError, match=re.escape(
+            f"give --model: the prompts in {tmp_path} name base models ['model-a', 'model-b']")):
+        base_model_of(tmp_path)
+    with pytest.raises(SoftPromptError, match="name base models none"):
+        base_model_of(tmp_path / "empty")

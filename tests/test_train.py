@@ -239,3 +239,15 @@ def test_a_non_finite_loss_names_the_step_and_in_fp16_the_precision():
         check_finite(torch.tensor(float("nan")), 2, "bf16")
     with pytest.raises(SoftPromptError, match=r"step 3: try a lower --lr; fp16 .* try --precision bf16 or fp32"):
         check_finite(torch.tensor(float("inf")), 2, "fp16")
+
+
+def test_record_test_results_saves_the_accuracies_with_the_prompt(tmp_path):
+    from softprompt.train import record_test_results
+
+    prompt = SoftPrompt(torch.randn(3, 8), "tiny", "fp", TASK, training={"steps_run": 4})
+    record_test_results(prompt, tmp_path / "p.safetensors", 0.75, 0.5)
+    assert SoftPrompt.load(tmp_path / "p.safetensors").training == {
+        "steps_run": 4, "test_accuracy": 0.75, "zero_shot_test_accuracy": 0.5}
+    alone = SoftPrompt(torch.randn(3, 8), "tiny", "fp", TASK)
+    record_test_results(alone, tmp_path / "q.safetensors", 0.25)
+    assert SoftPrompt.load(tmp_path / "q.safetensors").training == {"test_accuracy": 0.25}

@@ -18,7 +18,7 @@ from .backbone import Backbone, PromptCache
 from .data import Example, TaskTokenizer, scoring_batch
 from .errors import SoftPromptError
 from .evaluate import Prediction, generate_texts, padding_bounded_batches
-from .prompt import SoftPrompt
+from .prompt import SoftPrompt, prompt_files
 
 log = logging.getLogger("softprompt.bank")
 
@@ -77,9 +77,7 @@ class PromptBank:
             old = self.snapshot
             prompts: dict[str, tuple[SoftPrompt, tuple[int, int]]] = {}
             rejected: dict[str, str] = {}
-            for path in sorted(self.directory.glob("*.safetensors")):
-                if path.name.endswith(".ckpt.safetensors"):
-                    continue  # training checkpoints, not prompts
+            for path in prompt_files(self.directory):
                 stat = path.stat()
                 stamp = (stat.st_mtime_ns, stat.st_size)
                 name = path.name[: -len(".safetensors")]

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+from collections.abc import Callable
+from inspect import Parameter
+from inspect import signature as inspect_signature
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_type_hints
 
 import typer
 from rich.console import Console
@@ -13,16 +17,17 @@ from rich.table import Table
 
 from . import models as model_registry
 from .backbone import Backbone
-from .data import BUILTIN_DATASETS, Dataset, Example, load_dataset, load_file_examples
-from .distributed import init_from_environment, is_main, launch, world_size
+from .config import TrainConfig, cli_flag
+from .data import BUILTIN_DATASETS, Example, load_dataset, load_file_examples
+from .distributed import init_from_environment, is_main, launch_command
 from .errors import SoftPromptError
 from .evaluate import Report, evaluate
 from .evaluate import predict as predict_examples
 from .loader import load_model, parse_device_map
-from .prompt import SoftPrompt
+from .prompt import SoftPrompt, base_model_of
 from .tasks import unescape
-from .train import TrainConfig
-from .train import train as train_prompt
+from .train import record_test_results
+from .train import train as run_training
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prompt tuning for frozen language models.")
 models_app = typer.Typer(help="List built-in models, or pull one into the cache.", invoke_without_command=True)
@@ -65,7 +70,48 @@ def _show_report(report: Report, title: str) -> None:
     console.print(table)
 
 
+def config_options(config_class: type) -> Callable[[Callable], Callable]:
+    """Decorator: a command's keyword-only parameter `config` becomes one option per field of the dataclass
+    `config_class` (`--kebab-case` or the field's metadata "flag"; type, default and help from the field), and the
+    command is called with `config=config_class(...)` built from them: one source of defaults, help and checks."""
+    config_fields = dataclasses.fields(config_class)
+    hints = get_type_hints(config_class)  # the field types, evaluated (config.py has string annotations)
+    options = [_config_option(option, hints[option.name]) for option in config_fields]
+
+    def decorate(command: Callable) -> Callable:
+        command_signature = inspect_signature(command, eval_str=True)  # typer needs the Annotated objects, not strings
+        clash = {option.name for option in config_fields} & set(command_signature.parameters)
+        if "config" not in command_signature.parameters or clash:
+            raise TypeError(f"{command.__name__} needs a `config` parameter and none named like a field: {clash}")
+        parameters = []
+        for parameter in command_signature.parameters.values():  # keyword-only: the fields go where `config` stands
+            parameters += options if parameter.name == "config" else [parameter.replace(kind=parameter.KEYWORD_ONLY)]
+
+        def command_with_config(**values: object) -> object:
+            settings = {option.name: _from_command_line(option, values.pop(option.name)) for option in config_fields}
+            return command(**values, config=config_class(**settings))
+
+        command_with_config.__name__, command_with_config.__doc__ = command.__name__, command.__doc__
+        command_with_config.__signature__ = command_signature.replace(parameters=parameters)
+        return command_with_config
+
+    return decorate
+
+
+def _config_option(option: dataclasses.Field, annotation: object) -> Parameter:
+    flag = cli_flag(option)
+    declaration = f"{flag}/--no-{flag[2:]}" if annotation is bool else flag
+    return Parameter(option.name, Parameter.KEYWORD_ONLY, annotation=annotation,
+                     default=typer.Option(option.default, declaration, help=option.metadata.get("help")))
+
+
+def _from_command_line(option: dataclasses.Field, value: object) -> object:
+    """The command line's stand-in for None (metadata "cli_none", e.g. `--valid-limit 0`: all) becomes None."""
+    return None if "cli_none" in option.metadata and value == option.metadata["cli_none"] else value
+
+
 @app.command()
+@config_options(TrainConfig)
 def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the prompt (.safetensors).")],
     model: ModelOption = None,
@@ -76,55 +122,20 @@ def train(
     labels: Annotated[str | None, typer.Option(help='Comma-separated, e.g. "negative,positive".')] = None,
     text_field: Annotated[str | None, typer.Option(help="Row field for the default template {text}.")] = None,
     label_field: Annotated[str, typer.Option(help="Row field holding the label.")] = "label",
-    prompt_length: Annotated[int, typer.Option(help="Number of virtual tokens K.")] = TrainConfig.prompt_length,
-    init: Annotated[str, typer.Option(help='class-label | vocab | uniform | text:"..."')] = TrainConfig.init,
-    optimizer: Annotated[str, typer.Option(help="adamw | adafactor (paper preset).")] = TrainConfig.optimizer,
-    lr: Annotated[float | None, typer.Option(
-        help="Default: 0.01 for adamw, 0.3 for adafactor (model-tuning: 2e-5, 1e-4).")] = None,
-    batch_size: int = TrainConfig.batch_size,
-    steps: int = TrainConfig.steps,
-    eval_every: int = TrainConfig.eval_every,
-    patience: Annotated[int, typer.Option(help="Evals without gain before stopping (0: off).")] = TrainConfig.patience,
-    valid_limit: Annotated[int, typer.Option(help="Validation examples per eval (0: all).")] = TrainConfig.valid_limit,
-    max_length: Annotated[int, typer.Option(help="Max input tokens (longer: cut, template tail kept).")] = 256,
-    seed: int = 0,
+    *,
+    config: TrainConfig,  # one option per TrainConfig field, from config_options
     resume: Annotated[bool, typer.Option(help="Continue from <out>.ckpt.safetensors.")] = False,
-    path: Annotated[str, typer.Option(help="cached (prompt KV once per batch) | concat.")] = "cached",
-    objective: Annotated[str, typer.Option(help="rank (CE over labels) | lm (paper).")] = TrainConfig.objective,
-    schedule: Annotated[str, typer.Option(help="linear (decay to 0) | constant.")] = TrainConfig.schedule,
     precision: PrecisionOption = "auto",
     baseline: Annotated[bool, typer.Option(help="Score the hand-written template on the test split first.")] = True,
     generate: Annotated[bool, typer.Option(help="Free-text task: --label-field is the target, exact match.")] = False,
-    method: Annotated[str, typer.Option(
-        help="prompt (input embeddings) | prefix (keys/values at every layer) | model-tuning (baseline: all "
-             "weights train; --out is a directory).")]
-    = TrainConfig.method,
-    reparameterize: Annotated[int, typer.Option(
-        help="--method prefix: train through a tanh MLP of this hidden width (prefix-tuning); 0: off.")] = 0,
-    activation_checkpointing: Annotated[bool, typer.Option(
-        help="Recompute layer activations in the backward pass (less memory, more time; deep prompts too on "
-             "Llama, Qwen2, Gemma3).")]
-    = False,
-    compile_stack: Annotated[bool, typer.Option(
-        "--compile", help="torch.compile the decoder layers (one graph shared by all layers, ~40 s to compile on "
-                    "2 CPU cores; 14% faster steps measured there). Llama, Qwen2, Gemma3.")]
-    = False,
-    compile_mode: Annotated[str | None, typer.Option(
-        help="torch.compile's mode (implies --compile): reduce-overhead replays each layer as a CUDA graph, the "
-             "fastest on a GPU (H100, 1B shape: 40.7 vs 51.9 ms/step); default, max-autotune.")] = None,
     device_map: DeviceMapOption = None,
     devices: Annotated[int, typer.Option(
         help="Processes to train with (torch.distributed: gloo on CPU, nccl on CUDA); same as torchrun.")] = 1,
 ) -> None:
     """Train a soft prompt on a frozen model; prints zero-shot and trained test accuracy."""
     if devices > 1:
-        argv = sys.argv[1:]
-        cut = next(i for i, arg in enumerate(argv) if arg == "--devices" or arg.startswith("--devices="))
-        del argv[cut : cut + (1 if "=" in argv[cut] else 2)]
-        raise typer.Exit(launch(devices, argv))
+        raise typer.Exit(launch_command(devices, sys.argv[1:]))
     init_from_environment()
-    if world_size() > 1 and method == "model-tuning":
-        raise SoftPromptError("model tuning runs in one process; drop --devices / torchrun")
     if not is_main():  # the other processes train their shards silently; process 0 reports and saves
         console.quiet = True
     dataset = load_dataset(data, valid, test, unescape(template) if template else None, _labels(labels),
@@ -132,43 +143,26 @@ def train(
     backbone = _load(model, precision, device_map)
     console.print(f"model [bold]{backbone.name}[/], task [bold]{dataset.task.name}[/]: "
                   f"{len(dataset.train)} train / {len(dataset.validation)} validation / {len(dataset.test)} test")
+    max_length, zero_shot = config.max_input_tokens, None
     if dataset.test and baseline and is_main():
         zero_shot = evaluate(backbone, dataset.test, task=dataset.task, max_input_tokens=max_length)
         _show_report(zero_shot, f"hand-written prompt {dataset.task.template!r} on test")
-    config = TrainConfig(prompt_length=prompt_length, init=init, optimizer=optimizer, lr=lr, batch_size=batch_size,
-                         steps=steps, eval_every=eval_every, patience=patience, valid_limit=valid_limit or None,
-                         max_input_tokens=max_length, seed=seed, route="concat" if path == "concat" else "auto",
-                         objective=objective, schedule=schedule,
-                         method=method, reparameterize=reparameterize,
-                         activation_checkpointing=activation_checkpointing, compile=compile_stack,
-                         compile_mode=compile_mode)
-    if method == "model-tuning":
-        _tune_model(backbone, dataset, out, config, max_length)
-        return
-    result = train_prompt(backbone, dataset.task, dataset.train, dataset.validation, out, config, resume=resume)
+    result = run_training(backbone, dataset.task, dataset.train, dataset.validation, out, config, resume=resume)
     if not is_main():
         return
     console.print(f"best validation accuracy {result.best_metric:.4f} at step {result.best_step} "
                   f"({result.steps_run} steps{', stopped early' if result.stopped_early else ''})")
+    if result.backbone is not None:  # model tuning: `out` is a checkpoint directory that `--model` accepts
+        if dataset.test:
+            _show_report(evaluate(result.backbone, dataset.test, task=dataset.task, max_input_tokens=max_length),
+                         "tuned model on test")
+        console.print(f"saved the tuned model to [bold]{out}[/] (use it with --model {out})")
+        return
     if dataset.test:
         report = evaluate(backbone, dataset.test, result.prompt, max_input_tokens=max_length)
         _show_report(report, "trained prompt on test")
-        result.prompt.training["test_accuracy"] = report.accuracy
-        if dataset.test and baseline:
-            result.prompt.training["zero_shot_test_accuracy"] = zero_shot.accuracy
-        result.prompt.save(out)
+        record_test_results(result.prompt, out, report.accuracy, zero_shot.accuracy if zero_shot else None)
     console.print(f"saved prompt to [bold]{out}[/]")
-
-
-def _tune_model(backbone: Backbone, dataset: Dataset, out: Path, config: TrainConfig, max_length: int) -> None:
-    """The model-tuning baseline: `out` becomes a checkpoint directory that `--model` accepts."""
-    result = train_prompt(backbone, dataset.task, dataset.train, dataset.validation, out, config)
-    console.print(f"best validation accuracy {result.best_metric:.4f} at step {result.best_step} "
-                  f"({result.steps_run} steps{', stopped early' if result.stopped_early else ''})")
-    if dataset.test:
-        _show_report(evaluate(result.backbone, dataset.test, task=dataset.task, max_input_tokens=max_length),
-                     "tuned model on test")
-    console.print(f"saved the tuned model to [bold]{out}[/] (use it with --model {out})")
 
 
 def _prompt_and_model(prompt: Path | None, model: str | None, precision: str,
@@ -290,12 +284,7 @@ def serve(
     from .serve import create_app
 
     if model is None:  # headers only: the bank reads (and checks, or rejects) each file once below
-        headers = [SoftPrompt.read_metadata(path) for path in sorted(prompts.glob("*.safetensors"))
-                   if not path.name.endswith(".ckpt.safetensors")]
-        bases = {header["base_model"] for header in headers if header}
-        if len(bases) != 1:
-            raise SoftPromptError(f"give --model: the prompts in {prompts} name base models {sorted(bases) or 'none'}")
-        model = bases.pop()
+        model = base_model_of(prompts)
     bank = PromptBank.from_directory(_load(model, precision, device_map), prompts)
     snapshot = bank.snapshot
     console.print(f"serving {len(snapshot.entries)} prompts on {model} at http://{host}:{port} "
@@ -369,23 +358,10 @@ def export(
 ) -> None:
     """Write a prompt for another tool: a PEFT adapter directory, the paper's [K, d] .npy array, or the
     per-request prefix embeddings a serving engine takes."""
-    from .interop import export_peft, export_prompt_embeds
+    from .interop import export as export_prompt
 
     soft_prompt = SoftPrompt.load(prompt)
-    if format == "peft":
-        export_peft(soft_prompt, out)
-    elif format == "prompt-embeds":
-        export_prompt_embeds(soft_prompt, load_model(model or soft_prompt.base_model, precision), out)
-    elif format == "npy":
-        import numpy as np
-
-        from .files import write_atomically
-        from .interop import require_input_prompt
-
-        require_input_prompt(soft_prompt, "a .npy prompt array")
-        write_atomically(out, lambda tmp: np.save(open(tmp, "wb"), soft_prompt.embeddings.numpy()))
-    else:
-        raise SoftPromptError(f"unknown export format {format!r}; choose peft, npy or prompt-embeds")
+    export_prompt(soft_prompt, out, format, lambda: load_model(model or soft_prompt.base_model, precision))
     console.print(f"wrote {out}")
 
 

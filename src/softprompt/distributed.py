@@ -65,3 +65,22 @@ def launch(devices: int, argv: list[str]) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}",
                "-m", "softprompt", *argv]
     return subprocess.run(command).returncode
+
+
+def without_devices_option(argv: list[str]) -> list[str]:
+    """`argv` less its `--devices N` / `--devices=N`: the command line each torchrun process runs."""
+    kept, skip_value = [], False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg == "--devices":
+            skip_value = True
+        elif not arg.startswith("--devices="):
+            kept.append(arg)
+    return kept
+
+
+def launch_command(devices: int, argv: list[str]) -> int:
+    """Re-run the command line `argv` (e.g. sys.argv[1:]) under torchrun with `devices` processes, each without
+    `--devices` (or they would launch again); returns torchrun's exit code."""
+    return launch(devices, without_devices_option(argv))

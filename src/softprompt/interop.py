@@ -9,6 +9,7 @@ BOS after itself under PEFT, so scores differ.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +138,36 @@ def export_prompt_embeds(prompt: SoftPrompt, backbone: Backbone, path: str | Pat
                 "embedding_scale": repr(embedding_scale(backbone))}
     return write_atomically(path, lambda tmp: save_file({"prefix_embeds": in_front.contiguous()}, str(tmp),
                                                         metadata=metadata))
+
+
+# ---------- one entry for every export format ----------
+
+EXPORT_FORMATS = ("peft", "npy", "prompt-embeds")
+
+
+def export_npy(prompt: SoftPrompt, path: str | Path) -> Path:
+    """The paper's [K, d] float32 array (what `import_npy` reads), written atomically."""
+    require_input_prompt(prompt, "a .npy prompt array")
+    array = prompt.embeddings.detach().float().cpu().numpy()
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # given a name instead, np.save would add ".npy" to the temp file's name
+            np.save(handle, array, allow_pickle=False)
+
+    return write_atomically(path, write)
+
+
+def export(prompt: SoftPrompt, out: str | Path, format: str,
+           load_backbone: Callable[[], Backbone] | None = None) -> Path:
+    """Write `prompt` to `out` in one of EXPORT_FORMATS. Only "prompt-embeds" needs the model: `load_backbone` is
+    called for it alone, so the other formats load none."""
+    if format == "peft":
+        return export_peft(prompt, out)
+    if format == "npy":
+        return export_npy(prompt, out)
+    if format == "prompt-embeds":
+        if load_backbone is None:
+            raise SoftPromptError("the prompt-embeds export needs the base model: pass load_backbone")
+        return export_prompt_embeds(prompt, load_backbone(), out)
+    raise SoftPromptError(f"unknown export format {format!r}; choose {', '.join(EXPORT_FORMATS[:-1])} or "
+                          f"{EXPORT_FORMATS[-1]}")

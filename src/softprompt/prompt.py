@@ -175,3 +175,19 @@ class SoftPrompt:
                 f"{backbone.name!r} (fingerprint {backbone.fingerprint}); load the prompt with --model "
                 f"{self.base_model}"
             )
+
+
+def prompt_files(directory: str | Path) -> list[Path]:
+    """The prompt files of a directory, sorted: `*.safetensors` except training checkpoints (`*.ckpt.safetensors`)."""
+    return sorted(path for path in Path(directory).glob("*.safetensors")
+                  if not path.name.endswith(".ckpt.safetensors"))
+
+
+def base_model_of(directory: str | Path) -> str:
+    """The one base model the prompts in `directory` were trained on, read from their headers only (no tensors);
+    files that are not prompts are skipped here, as whoever loads the prompts reports them."""
+    headers = [SoftPrompt.read_metadata(path) for path in prompt_files(directory)]
+    bases = {header["base_model"] for header in headers if header}
+    if len(bases) != 1:
+        raise SoftPromptError(f"give --model: the prompts in {directory} name base models {sorted(bases) or 'none'}")
+    return bases.pop()

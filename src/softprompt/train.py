@@ -24,6 +24,7 @@ from transformers.optimization import Adafactor
 
 from . import distributed
 from .backbone import Backbone, PromptCache
+from .config import DEFAULT_LR, MODEL_TUNING_LR, TrainConfig  # noqa: F401 (the LRs: re-exported)
 from .data import Example, TaskTokenizer, TokenizedExample
 from .errors import SoftPromptError
 from .evaluate import generate_texts, label_scores, sum_label_tokens
@@ -33,43 +34,6 @@ from .prompt import SoftPrompt
 from .routes import Route
 from .tasks import TaskSpec
 from .trainable import PromptTuning
-
-DEFAULT_LR = {"adamw": 0.01, "adafactor": 0.3}  # adafactor: the paper preset (see README, "Defaults")
-MODEL_TUNING_LR = {"adamw": 2e-5, "adafactor": 1e-4}  # every weight trains: steps must be far smaller
-
-
-@dataclass
-class TrainConfig:
-    prompt_length: int = 20
-    init: str = "class-label"
-    optimizer: str = "adamw"
-    lr: float | None = None  # None: DEFAULT_LR for the optimizer
-    weight_decay: float = 1e-5
-    batch_size: int = 16
-    steps: int = 200
-    eval_every: int = 25
-    patience: int = 4  # evaluations without improvement before stopping; 0 = never stop early
-    valid_limit: int | None = 300  # validation examples scored at each evaluation (None = all)
-    max_input_tokens: int = 256
-    seed: int = 0
-    route: str = "auto"  # "auto": the model's fastest exact route (routes.plan), or the "concat" reference
-    schedule: str = "linear"  # learning rate: "linear" decay to 0 over `steps`, or "constant"
-    method: str = "prompt"  # "prompt": input embeddings (the paper); "prefix": keys/values at every layer;
-    # "model-tuning": the baseline, every model weight trains (model_tuning.py)
-    objective: str = "rank"  # "rank": cross-entropy over the labels' scores; "lm": label tokens' NLL (paper)
-    reparameterize: int = 0  # deep prompts: hidden width of prefix-tuning's MLP reparameterization (0: none)
-    activation_checkpointing: bool = False  # recompute layer activations in backward: less memory, more time
-    compile: bool = False  # torch.compile the decoder layers (Backbone.compile; the first step compiles)
-    compile_mode: str | None = None  # torch.compile's mode, e.g. "reduce-overhead" (CUDA graphs); implies compile
-
-    @property
-    def learning_rate(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        defaults = MODEL_TUNING_LR if self.method == "model-tuning" else DEFAULT_LR
-        if self.optimizer not in defaults:
-            raise SoftPromptError(f"unknown optimizer {self.optimizer!r}; choose adamw or adafactor")
-        return defaults[self.optimizer]
 
 
 @dataclass
@@ -87,9 +51,7 @@ def make_optimizer(config: TrainConfig, parameters: list[torch.Tensor]) -> torch
     if config.optimizer == "adafactor":
         return Adafactor(parameters, lr=config.learning_rate, scale_parameter=False, relative_step=False,
                          warmup_init=False, weight_decay=config.weight_decay)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    raise SoftPromptError(f"unknown optimizer {config.optimizer!r}; choose adamw or adafactor")
+    return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
 def make_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer,
@@ -98,9 +60,7 @@ def make_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer,
     if config.schedule == "linear":
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: max(0.0, 1 - (start_step + step) / config.steps))
-    if config.schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    raise SoftPromptError(f"unknown schedule {config.schedule!r}; choose linear or constant")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # "constant", the other choice
 
 
 def batch_order(items: list[TokenizedExample], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -132,8 +92,6 @@ def prompt_loss(backbone: Backbone, task_tokenizer: TaskTokenizer, items: list[T
     "lm": negative log-likelihood of the gold label's tokens over the whole vocabulary (the paper's objective).
     "rank": cross-entropy over the labels' summed log-probs, i.e. exactly what rank classification decides on.
     """
-    if objective not in ("rank", "lm"):
-        raise SoftPromptError(f"unknown objective {objective!r}; choose rank or lm")
     if objective == "lm":
         batch = task_tokenizer.training_batch(items)
         return -backbone.target_logprobs(batch, **inputs).sum() / len(items)
@@ -172,9 +130,7 @@ def make_method(backbone: Backbone, task: TaskSpec, config: TrainConfig, out: Pa
         if distributed.world_size() > 1:
             raise SoftPromptError("model tuning runs in one process; drop --devices / torchrun")
         return ModelTuning(backbone, task, config, out)
-    if config.method in ("prompt", "prefix"):
-        return PromptTuning(backbone, task, config)
-    raise SoftPromptError(f"unknown method {config.method!r}; choose prompt, prefix or model-tuning")
+    return PromptTuning(backbone, task, config)  # "prompt" or "prefix" (TrainConfig checked the name)
 
 
 def train(backbone: Backbone, task: TaskSpec, train_examples: list[Example], valid_examples: list[Example],
@@ -189,8 +145,6 @@ def train(backbone: Backbone, task: TaskSpec, train_examples: list[Example], val
     if config.batch_size < distributed.world_size():
         raise SoftPromptError(f"batch size {config.batch_size} is smaller than the {distributed.world_size()} "
                               "processes it is split across")
-    if config.reparameterize and config.method != "prefix":
-        raise SoftPromptError("--reparameterize applies to deep prompts (--method prefix) only")
     torch.manual_seed(config.seed)
     run = TrainingRun(backbone, task, train_examples, valid_examples, Path(out), config)
     run.start(resume)
@@ -396,3 +350,13 @@ def _load_checkpoint(path: Path, trainable: torch.nn.Module, optimizer: torch.op
         scaler.load_state_dict(scaler_state)
     best = {key[len("best."):]: value.to(device) for key, value in tensors.items() if key.startswith("best.")}
     return json.loads(metadata["state"]), best
+
+
+def record_test_results(prompt: SoftPrompt, out: str | Path, test_accuracy: float,
+                        zero_shot_accuracy: float | None = None) -> Path:
+    """Add the trained prompt's test accuracy (and the hand-written template's, when it was scored) to its
+    `training` record, and save it to `out` again (atomically)."""
+    prompt.training["test_accuracy"] = test_accuracy
+    if zero_shot_accuracy is not None:
+        prompt.training["zero_shot_test_accuracy"] = zero_shot_accuracy
+    return prompt.save(out)
