@@ -4,7 +4,7 @@
     python bench/compile_check.py --device cpu --shape llama-tiny --modes default      # plumbing only
 
 softprompt's packed training pass (scores of the target tokens and the prompt gradient) runs eagerly, then with
-`Backbone.compile(mode)`, on batches of different lengths with several prompts mixed in each. The test suite
+`CausalLM.compile(mode)`, on batches of different lengths with several prompts mixed in each. The test suite
 checks this on tiny CPU models (tests/test_backbone.py); this runs it where CUDA graphs exist
 (`--compile-mode reduce-overhead` replays a graph per layer and records one per batch shape). bf16 weights, so
 compiled kernels (fused, other summation orders) differ from eager ones by rounding: the largest differences are

@@ -6,7 +6,7 @@
 
 The same K=20 prompt (vocab-initialised) is loaded into both: PEFT's `PromptTuningConfig` model (its prompt
 encoder's weights set to ours) generates with transformers' `generate` (greedy, left-padded batches, as `generate`
-wants); softprompt with `Backbone.generate` (greedy, right-padded batches, the prompt's keys/values computed once).
+wants); softprompt with `CausalLM.generate` (greedy, right-padded batches, the prompt's keys/values computed once).
 Each runs in length-sorted batches of `--batch` and one input at a time (softprompt's way before batching). Up to
 `--max-new-tokens` per input; EOS ends an answer. Prints seconds, tokens/s and the ratio to PEFT's batched run, and
 how many answers equal, token for token, PEFT's one-at-a-time answers (an input alone has no padding, so those are
@@ -38,7 +38,7 @@ def main() -> None:
     from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
     from softprompt import load_dataset, load_model
-    from softprompt.backbone import PrefixCache
+    from softprompt.backbone import PromptCache
     from softprompt.data import TaskTokenizer
     from softprompt.evaluate import length_sorted_batches
     from softprompt.initializers import initialize
@@ -107,7 +107,7 @@ def main() -> None:
               **{f"{name}_equal": value for name, value in agree.items()}}
 
     if args.prompts > 1:
-        stacked = PrefixCache.stack([backbone.prompt_cache(initialize("vocab", backbone, 20, data.task,
+        stacked = PromptCache.stack([backbone.prompt_cache(initialize("vocab", backbone, 20, data.task,
                                                                             seed=seed).unsqueeze(0))
                                      for seed in range(args.prompts)])
         owner = [i % args.prompts for i in range(len(rows))]

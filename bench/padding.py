@@ -5,7 +5,7 @@
 
 A PromptBank holding 16 prompts (K=20) classifies batches of requests, each to a random prompt, with real sentence
 lengths, three ways, alternating batch by batch after a warm-up:
-  padded:  one forward pass over right-padded rows (`Backbone.drops_padding` off, `PromptBank.max_padding` 1.0);
+  padded:  one forward pass over right-padded rows (`CausalLM.drops_padding` off, `PromptBank.max_padding` 1.0);
   split:   length-sorted parts with at most 25% padding each (`max_padding` 0.25, the former CPU default);
   dropped: one forward pass over the real tokens only (`drops_padding` on: `prompt_attention.RaggedRows`).
 Prints the median ms per batch and per request, the share of padded positions, the ratios against "padded", and

@@ -329,7 +329,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the decoder layers (Backbone.compile; both methods)")
+                        help="torch.compile the decoder layers (CausalLM.compile; both methods)")
     parser.add_argument("--compile-mode", help="with --compile: torch.compile's mode, e.g. reduce-overhead")
     parser.add_argument("--peft-eager", action="store_true",
                         help="with --compile: PEFT runs the layers eagerly (as it ships); softprompt compiled")

@@ -87,3 +87,24 @@ def test_functions_and_classes_stay_short(kind, limit):
     found = definitions(kind)
     assert len(found) > 20  # the walk sees the package
     assert [(where, lines) for where, lines in found if lines > limit] == []
+
+
+def test_each_module_imports_alone():
+    """Each module imported first, in a fresh set of softprompt modules: an import cycle kept alive only by the
+    order modules happen to be imported in fails here. In a child process: the re-imports would re-register the
+    attention function this process's models use."""
+    import subprocess
+    import sys
+
+    script = """
+import importlib, sys
+for name in sys.argv[1:]:
+    for loaded in [loaded for loaded in sys.modules if loaded.startswith("softprompt")]:
+        del sys.modules[loaded]
+    assert importlib.import_module(name).__name__ == name
+print("imported", len(sys.argv) - 1)
+"""
+    names = sorted(sources())
+    done = subprocess.run([sys.executable, "-c", script, *names], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == f"imported {len(names)}"

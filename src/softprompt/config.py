@@ -62,11 +62,11 @@ class TrainConfig:
         "Recompute layer activations in the backward pass (less memory, more time; deep prompts too on "
         "Llama, Qwen2, Gemma3).")})
     compile: bool = field(default=False, metadata={"help": (
-        "torch.compile the decoder layers (one graph shared by all layers, ~40 s to compile on 2 CPU cores; "
-        "14% faster steps measured there). Llama, Qwen2, Gemma3.")})
+        "torch.compile the decoder layers (one graph shared by all layers; the first step compiles; speed-ups "
+        "in docs/benchmarks.md). Llama, Qwen2, Gemma3.")})
     compile_mode: str | None = field(default=None, metadata={"help": (
         "torch.compile's mode (implies --compile): reduce-overhead replays each layer as a CUDA graph, the "
-        "fastest on a GPU (H100, 1B shape: 40.7 vs 51.9 ms/step); default, max-autotune.")})
+        "fastest step on a GPU (docs/benchmarks.md); default, max-autotune.")})
 
     def __post_init__(self) -> None:
         # Checked once here, so training never meets a bad value mid-run (or per step).
