@@ -18,12 +18,14 @@ def test_defaults_build():
 def test_a_valid_non_default_config_builds():
     config = TrainConfig(prompt_length=1, init="text:hello", optimizer="adafactor", lr=None, weight_decay=0.0,
                          batch_size=1, steps=1, eval_every=1, patience=0, valid_limit=None, max_input_tokens=1,
-                         seed=7, route="concat", schedule="constant", method="prefix", objective="lm",
+                         seed=7, route="auto", schedule="constant", method="prefix", objective="lm",
                          reparameterize=16, activation_checkpointing=True, compile=True,
                          compile_mode="max-autotune-no-cudagraphs")
     assert config.learning_rate == DEFAULT_LR["adafactor"] == 0.3
     assert TrainConfig(method="model-tuning", optimizer="adafactor").learning_rate == MODEL_TUNING_LR["adafactor"]
     assert TrainConfig(lr=0.5, valid_limit=1).learning_rate == 0.5
+    assert TrainConfig(valid_limit=0).valid_limit is None  # 0: all, as on the command line
+    assert TrainConfig(route="concat", method="model-tuning").route == "concat"
     assert TrainConfig(method="model-tuning", prompt_length=0, init="-").prompt_length == 0  # no prompt: sweep.py
 
 
@@ -46,7 +48,13 @@ def test_every_field_has_help():
     ({"eval_every": -3}, "--eval-every must be >= 1, got -3"),
     ({"max_input_tokens": 0}, "--max-length must be >= 1, got 0"),
     ({"patience": -1}, "--patience must be >= 0, got -1"),
-    ({"valid_limit": 0}, "--valid-limit must be >= 1, or 0 (None in Python) for all, got 0"),
+    ({"valid_limit": -2}, "--valid-limit must be >= 1, or 0 for all, got -2"),
+    ({"method": "model-tuning", "compile": True}, "--compile compiles the frozen layers for the packed prompt pass; "
+                                                  "--method model-tuning trains every weight and does not use it"),
+    ({"method": "model-tuning", "compile_mode": "default"}, "--compile compiles the frozen layers for the packed "
+     "prompt pass; --method model-tuning trains every weight and does not use it"),
+    ({"method": "prefix", "route": "concat"}, "--route concat puts prompt embeddings in front of the tokens; deep "
+                                              "prompts (--method prefix) are keys/values at every layer"),
     ({"lr": 0.0}, "--lr must be finite and > 0, got 0.0"),
     ({"lr": -0.1}, "--lr must be finite and > 0, got -0.1"),
     ({"lr": float("nan")}, "--lr must be finite and > 0, got nan"),
@@ -69,3 +77,8 @@ def test_invalid_values_name_the_option(overrides, message):
 def test_replace_checks_again():
     with pytest.raises(SoftPromptError, match="^--steps must be >= 1, got 0$"):
         dataclasses.replace(TrainConfig(), steps=0)
+
+
+def test_a_built_config_cannot_change_unchecked():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TrainConfig().steps = 0

@@ -104,7 +104,7 @@ for name in sys.argv[1:]:
     assert importlib.import_module(name).__name__ == name
 print("imported", len(sys.argv) - 1)
 """
-    names = sorted(sources())
+    names = sorted(name for name in sources() if name != "softprompt.__main__")  # that one runs the CLI
     done = subprocess.run([sys.executable, "-c", script, *names], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == f"imported {len(names)}"

@@ -120,3 +120,14 @@ def test_generation_puts_each_rows_own_prompt_before_its_input():
              for row, index, budget in zip(rows, prompt_index, budgets)]
     assert alone[0] != backbone.generate([rows[0]], caches[0], 5, set())[0]  # the prompt changes the answer
     assert backbone.generate(rows, PromptCache.stack(caches), budgets, set(), prompt_index) == alone
+
+
+def test_prompt_embeds_export_needs_a_causal_lm(tmp_path):
+    from softprompt.interop import export_prompt_embeds
+
+    backbone = make_t5()
+    prompt = SoftPrompt(torch.randn(3, backbone.d_model), backbone.name, backbone.fingerprint, TASK)
+    with pytest.raises(SoftPromptError, match="a prompt-embeds export needs a causal LM .*'tiny-t5' is an "
+                                              "encoder-decoder LM"):
+        export_prompt_embeds(prompt, backbone, tmp_path / "p.embeds.safetensors")
+    assert not (tmp_path / "p.embeds.safetensors").exists()

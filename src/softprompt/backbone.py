@@ -125,17 +125,23 @@ class TokenBatch:
             raise SoftPromptError("TokenBatch.attention_mask must be right-padded: each row's 1s, then its 0s")
 
 
+# torch.compile's modes; "reduce-overhead" replays each compiled layer as a CUDA graph (one launch per layer)
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-
-# what each capability needs, in the words of the error that refuses it
+# capability -> (the Backbone property that says whether a kind has it, what it takes in the words of the refusal)
 CAPABILITIES = {
-    "cache_prompts": "a causal LM (only there do a prompt's keys/values not depend on the input)",
-    "deep_prompts": "a causal LM (deep prompts are keys/values at every layer of a decoder)",
-    "generate": "a language model (an encoder classifier scores labels with a head)",
-    "mix_prompts": "a causal LM or an encoder classifier (an encoder-decoder runs one prompt length per batch)",
-    "plain_prompt_tensors": "a causal LM whose attention takes the prompt as plain tensors "
-                            f"({', '.join(sorted(prompt_attention.MODEL_TYPES))})",
-    "language_model_head": "a language model that scores label words (an encoder classifier has no such head)",
+    "cache_prompts": ("can_cache_prompts", "a causal LM (only there do a prompt's keys/values not depend on the "
+                                           "input)"),
+    "concat_prompts": ("can_concat_prompts", "a causal LM (BOS + prompt embeddings in front of the tokens' own)"),
+    "deep_prompts": ("can_run_deep_prompts", "a causal LM (deep prompts are keys/values at every layer of a "
+                                             "decoder)"),
+    "generate": ("can_generate", "a language model (an encoder classifier scores labels with a head)"),
+    "mix_prompts": ("can_mix_prompts", "a causal LM or an encoder classifier (an encoder-decoder runs one prompt "
+                                       "length per batch)"),
+    "plain_prompt_tensors": ("takes_plain_prompt_tensors", "a causal LM whose attention takes the prompt as plain "
+                             f"tensors ({', '.join(sorted(prompt_attention.MODEL_TYPES))})"),
+    "language_model_head": ("scores_with_lm_head", "a language model that scores label words (an encoder "
+                                                   "classifier has no such head)"),
 }
 
 
@@ -144,6 +150,7 @@ class Backbone:
 
     kind = "a frozen model"  # how errors name this kind
     can_cache_prompts = False
+    can_concat_prompts = False
     can_run_deep_prompts = False
     can_generate = False
     can_mix_prompts = False
@@ -163,13 +170,14 @@ class Backbone:
 
     def require(self, capability: str, feature: str) -> None:
         """Refuse `feature` up front when this kind lacks `capability` (a key of CAPABILITIES)."""
-        has = {"cache_prompts": self.can_cache_prompts, "deep_prompts": self.can_run_deep_prompts,
-               "generate": self.can_generate, "mix_prompts": self.can_mix_prompts,
-               "plain_prompt_tensors": self.takes_plain_prompt_tensors,
-               "language_model_head": not self.scores_with_label_head}[capability]
-        if not has:
-            raise SoftPromptError(f"{feature} needs {CAPABILITIES[capability]}; {self.name!r} is {self.kind} "
+        has, needs = CAPABILITIES[capability]
+        if not getattr(self, has):
+            raise SoftPromptError(f"{feature} needs {needs}; {self.name!r} is {self.kind} "
                                   f"({self.model.config.model_type!r})")
+
+    @property
+    def scores_with_lm_head(self) -> bool:
+        return not self.scores_with_label_head
 
     # ---- what each kind implements ----
 

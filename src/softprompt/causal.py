@@ -9,6 +9,7 @@ positions that predict a target token, never to [B, T, V].
 from __future__ import annotations
 
 import contextlib
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -16,12 +17,9 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from . import lean_backward, prompt_attention, routes
-from .backbone import Backbone, PromptCache, TokenBatch, generation_rows, right_pad
+from .backbone import COMPILE_MODES, Backbone, PromptCache, TokenBatch, generation_rows, right_pad
 from .errors import SoftPromptError
 from .prompt_attention import gather_rows
-
-# torch.compile's modes; "reduce-overhead" replays each compiled layer as a CUDA graph (one launch per layer)
-COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class CausalLM(Backbone):
@@ -29,6 +27,7 @@ class CausalLM(Backbone):
 
     kind = "a causal LM"
     can_cache_prompts = True
+    can_concat_prompts = True
     can_run_deep_prompts = True
     can_generate = True
     can_mix_prompts = True
@@ -140,7 +139,12 @@ class CausalLM(Backbone):
 
     def deep_prompt_shape(self, length: int) -> list[int]:
         """[layers, 2, kv_heads, K, head_dim] of a deep prompt of `length` positions for this model."""
-        return list(self.deep_prompt_from_embeddings(torch.zeros(length, self.d_model)).shape)
+        layers, two, kv_heads, _, head_dim = self._one_position_deep_prompt_shape
+        return [layers, two, kv_heads, length, head_dim]
+
+    @cached_property
+    def _one_position_deep_prompt_shape(self) -> tuple[int, ...]:
+        return tuple(self.deep_prompt_from_embeddings(torch.zeros(1, self.d_model)).shape)
 
     # ---- scoring and generation ----
 
@@ -148,7 +152,7 @@ class CausalLM(Backbone):
                         cache: PromptCache | None = None, route: routes.Route | None = None) -> Tensor:
         """Log-prob of each target token, [N]. `prompts` is [P, K, d]; `prompt_index` [B] picks one per row;
         `cache`: keys/values computed earlier (`prompt_cache`, a PromptBank) instead of `prompts`. `route`: run
-        this route instead of the planned one (tests and benchmarks; `Route.CONCAT` is the reference)."""
+        this route instead of the planned one (`Route.CONCAT`: the reference; tests and benchmarks: any)."""
         input_ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
         if prompt_index is None:
             prompt_index = torch.zeros(input_ids.shape[0], dtype=torch.long)
@@ -161,17 +165,17 @@ class CausalLM(Backbone):
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits.log_softmax(-1).gather(1, batch.target_ids.to(self.device).unsqueeze(1)).squeeze(1)
 
-    def batch_facts(self, rows: routes.Rows, reference: bool = False) -> routes.BatchFacts:
+    def batch_facts(self, rows: routes.Rows) -> routes.BatchFacts:
         """What `routes.plan` needs to know about this batch on this model."""
         if rows.cache is not None:
             slots = rows.cache.width
         else:
             slots = len(self.bos_ids) + (rows.prompts.shape[1] if rows.prompts is not None else 0)
         return routes.BatchFacts(
-            reference=reference, prompts_to_run=rows.cache is None and rows.prompts is not None, prompt_slots=slots,
+            prompts_to_run=rows.cache is None and rows.prompts is not None, prompt_slots=slots,
             plain_tensors_fit=self.takes_plain_prompt_tensors and self.fits_window(slots + rows.input_ids.shape[1]),
             checkpointing=bool(self.checkpointed_layers), drops_padding=self.drops_padding,
-            rows_padded=not bool(rows.mask.all()))
+            rows_padded=self.drops_padding and not bool(rows.mask.all()))  # a host sync: only where it matters
 
     def fits_window(self, total_length: int) -> bool:
         """Everything fits a sliding window (if any): prompt masks and stacked caches are exact only then."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import Field, dataclass, field, fields
 
-from .causal import COMPILE_MODES
+from .backbone import COMPILE_MODES
 from .errors import SoftPromptError
 
 DEFAULT_LR = {"adamw": 0.01, "adafactor": 0.3}  # adafactor: the paper preset (see README, "Defaults")
@@ -31,7 +31,7 @@ def cli_flag(option: Field) -> str:
     return option.metadata.get("flag", "--" + option.name.replace("_", "-"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     prompt_length: int = field(default=20, metadata={"help": "Number of virtual tokens K."})
     init: str = field(default="class-label", metadata={"help": 'class-label | vocab | uniform | text:"..."'})
@@ -80,9 +80,10 @@ class TrainConfig:
         least = 0 if self.method == "model-tuning" else 1  # model tuning trains no prompt (sweep.py gives it 0)
         if self.prompt_length < least:
             raise SoftPromptError(f"{flag['prompt_length']} must be >= {least}, got {self.prompt_length}")
+        if self.valid_limit == 0:
+            object.__setattr__(self, "valid_limit", None)  # 0 means all, on the command line as in Python
         if self.valid_limit is not None and self.valid_limit < 1:
-            raise SoftPromptError(f"{flag['valid_limit']} must be >= 1, or 0 (None in Python) for all, got "
-                                  f"{self.valid_limit}")
+            raise SoftPromptError(f"{flag['valid_limit']} must be >= 1, or 0 for all, got {self.valid_limit}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise SoftPromptError(f"{flag['lr']} must be finite and > 0, got {self.lr}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -90,6 +91,12 @@ class TrainConfig:
         if self.reparameterize and self.method != "prefix":
             raise SoftPromptError(f"{flag['reparameterize']} applies to deep prompts ({flag['method']} prefix) only, "
                                   f"not {flag['method']} {self.method}")
+        if self.method == "model-tuning" and (self.compile or self.compile_mode):
+            raise SoftPromptError(f"{flag['compile']} compiles the frozen layers for the packed prompt pass; "
+                                  f"{flag['method']} model-tuning trains every weight and does not use it")
+        if self.method == "prefix" and self.route == "concat":
+            raise SoftPromptError(f"{flag['route']} concat puts prompt embeddings in front of the tokens; deep "
+                                  f"prompts ({flag['method']} prefix) are keys/values at every layer")
         if not isinstance(self.init, str) or not self.init.strip():
             raise SoftPromptError(f"{flag['init']} must be a non-empty string, got {self.init!r}")
 

@@ -1,4 +1,4 @@
-"""Rows in, token batches out: built-in datasets, JSONL/CSV files, and the encoding of examples for a backbone."""
+"""Rows in, token batches out: built-in datasets, JSONL/CSV files, and TaskTokenizer (examples -> token ids)."""
 
 from __future__ import annotations
 

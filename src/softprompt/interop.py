@@ -111,6 +111,7 @@ def request_embeddings(backbone: Backbone, prompt: SoftPrompt, examples: list[Ex
     in the space `inputs_embeds` takes in transformers (after the embedding module's own scaling). An engine that
     takes whole-request embeddings needs nothing else to run the soft prompt."""
     require_input_prompt(prompt, "an engine's prompt_embeds input")
+    backbone.require("concat_prompts", "an engine's prompt_embeds input")
     prompt.check_backbone(backbone)
     task_tokenizer = TaskTokenizer(backbone, prompt.task, max_input_tokens)
     with torch.no_grad():
@@ -130,6 +131,7 @@ def export_prompt_embeds(prompt: SoftPrompt, backbone: Backbone, path: str | Pat
     input) and the task, base model and embedding scale in its metadata: enough for a client of a serving engine
     to build each request's embeddings from the base model's embedding table alone."""
     require_input_prompt(prompt, "a prompt-embeds export")
+    backbone.require("concat_prompts", "a prompt-embeds export")
     prompt.check_backbone(backbone)
     with torch.no_grad():
         in_front = backbone.prompt_embeddings(prompt.embeddings.to(backbone.device).unsqueeze(0))[0].float().cpu()

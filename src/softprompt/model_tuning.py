@@ -10,6 +10,7 @@ is saved as a normal Hugging Face checkpoint directory (weights + tokenizer + `s
 from __future__ import annotations
 
 import copy
+import gc
 import json
 from pathlib import Path
 
@@ -67,6 +68,7 @@ class ModelTuning:
     def result(self, best: dict, summary: dict, out: Path) -> Backbone:
         """The best tuned model, loaded back from `out` (the training copy and its optimizer are gone by then)."""
         self.model = None
+        gc.collect()  # the copy's weights, gradients and optimizer state go before the best copy comes back
         return load_model(str(out), self.base.precision)
 
 

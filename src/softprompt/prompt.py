@@ -16,10 +16,6 @@ from .files import write_atomically
 from .tasks import TaskSpec
 
 FORMAT = "softprompt/1"
-FILE_TENSOR = {"prompt": "prompt", "prefix": "prefix"}  # method -> tensor name in the file
-
-
-METHODS = ("prompt", "prefix")
 
 
 def prompt_cache(backbone: Backbone, method: str, tensor: torch.Tensor,
@@ -92,7 +88,7 @@ class SoftPrompt:
         """Write atomically: an interrupted save leaves the previous file intact."""
         tensor = self.tensor.detach().float().cpu().contiguous()
         header = {"format": FORMAT, "softprompt": json.dumps(self.metadata())}
-        tensors = {FILE_TENSOR[self.method]: tensor}
+        tensors = {self.method: tensor}  # the tensor is named after the method: "prompt" or "prefix"
         if self.label_head is not None:
             tensors["head"] = self.label_head.detach().float().cpu().contiguous()
         return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))

@@ -3,7 +3,7 @@
 A transformers `DynamicCache` can hand each layer its prompt keys/values too (routes.py, CACHE_OBJECT), and works
 everywhere, but the cache object is hostile to `torch.compile` (its per-layer state becomes a guard that differs
 per layer, so dynamo recompiles and gives up), and transformers rebuilds a mask around the past for every call.
-Here the keys/values travel as a keyword argument (`prompt_key_values`, one (keys, values) pair per layer) that
+Here the keys/values travel as a keyword argument (`prompt_kv_layers`, one (keys, values) pair per layer) that
 transformers forwards to the attention function, which puts them in front of the tokens' own keys/values and runs
 the usual SDPA. When every prompt slot is real, that attention is plain causal aligned to the lower right (each
 token sees its whole prompt, then the tokens up to itself; right padding is never seen by a real token), which
@@ -126,7 +126,7 @@ def packed_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value:
 
 
 def prompt_sdpa_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                          attention_mask: Tensor | None, prompt_key_values: list[tuple[Tensor, Tensor]] | None = None,
+                          attention_mask: Tensor | None, prompt_kv_layers: list[tuple[Tensor, Tensor]] | None = None,
                           packed_prompts: PackedPrompts | None = None, token_bias: CausalBias | None = None,
                           ragged_rows: RaggedRows | None = None, **kwargs) -> tuple[Tensor, None]:
     """SDPA with this layer's prompt keys/values [B, kv_heads, W, head_dim] in front of the tokens' own, or, for a
@@ -137,11 +137,11 @@ def prompt_sdpa_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
         return packed_attention(module, query, key, value, packed_prompts, **kwargs)
     if ragged_rows is not None:
         query, key, value = map(ragged_rows.pad, (query, key, value))
-        output, _ = prompt_sdpa_attention(module, query, key, value, attention_mask, prompt_key_values,
+        output, _ = prompt_sdpa_attention(module, query, key, value, attention_mask, prompt_kv_layers,
                                           token_bias=token_bias, **kwargs)
         return ragged_rows.unpad(output), None
-    if prompt_key_values is not None:
-        prompt_keys, prompt_values = prompt_key_values[module.layer_idx]
+    if prompt_kv_layers is not None:
+        prompt_keys, prompt_values = prompt_kv_layers[module.layer_idx]
         key = torch.cat([prompt_keys.to(key.dtype), key], dim=2)
         value = torch.cat([prompt_values.to(value.dtype), value], dim=2)
         if token_bias is not None:

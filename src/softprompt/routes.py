@@ -23,6 +23,7 @@ from transformers import DynamicCache
 
 from . import prompt_attention
 from .backbone import PromptCache
+from .errors import SoftPromptError
 from .prompt_attention import gather_rows
 
 if TYPE_CHECKING:  # for type hints only: causal.py imports this module
@@ -41,7 +42,6 @@ class Route(enum.Enum):
 class BatchFacts:
     """What the choice of route depends on, about one batch and the model running it."""
 
-    reference: bool  # the concat reference was asked for
     prompts_to_run: bool  # prompt tensors given and no precomputed keys/values (training)
     prompt_slots: int  # BOS + prompt positions in front of every row (0: nothing in front)
     plain_tensors_fit: bool  # the family takes prompt keys/values as plain tensors for prompt_slots + tokens
@@ -51,9 +51,8 @@ class BatchFacts:
 
 
 def plan(facts: BatchFacts) -> Route:
-    """The one place the forward route is chosen."""
-    if facts.reference:
-        return Route.CONCAT
+    """The one place the forward route is chosen (`CausalLM.target_logprobs(route=...)` runs a given one instead:
+    the concat reference, tests, benchmarks)."""
     if facts.prompts_to_run and facts.plain_tensors_fit:
         return Route.PACKED
     if facts.prompts_to_run and facts.checkpointing:
@@ -102,7 +101,7 @@ def packed(lm: CausalLM, rows: Rows) -> Tensor:
 def _plain_inputs(lm: CausalLM, cache: PromptCache, rows: Rows) -> dict:
     """Per-row prompt keys/values and, only where some prompt slot is padding, a mask; else lower-right causal."""
     length = rows.input_ids.shape[1]
-    inputs = dict(prompt_key_values=[(gather_rows(k, rows.prompt_index), gather_rows(v, rows.prompt_index))
+    inputs = dict(prompt_kv_layers=[(gather_rows(k, rows.prompt_index), gather_rows(v, rows.prompt_index))
                                      for k, v in cache.layers], use_cache=False)
     if cache.padded:
         inputs.update(attention_mask=prompt_attention.prompt_causal_mask(
@@ -146,6 +145,9 @@ def cache_object(lm: CausalLM, rows: Rows) -> Tensor:
 
 
 def concat(lm: CausalLM, rows: Rows) -> Tensor:
+    if rows.prompts is None and rows.cache is not None:
+        raise SoftPromptError("the concat route puts prompt embeddings in front of the tokens; this batch has only "
+                              "precomputed keys/values (a deep prompt, or a bank's cache)")
     count, length = rows.input_ids.shape
     in_front = lm.prompt_embeddings(rows.prompts)
     width = in_front.shape[1]

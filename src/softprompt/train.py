@@ -123,9 +123,7 @@ def validation_metric(backbone: Backbone, task_tokenizer: TaskTokenizer, items: 
 def make_method(backbone: Backbone, task: TaskSpec, config: TrainConfig, out: Path) -> PromptTuning | ModelTuning:
     """The one place the training method is chosen, and what it needs of the model checked."""
     if config.route == "concat":
-        backbone.require("cache_prompts", "the concat reference route")
-    if config.compile or config.compile_mode:
-        backbone.require("plain_prompt_tensors", "--compile")
+        backbone.require("concat_prompts", "--route concat")
     if config.method == "model-tuning":
         if distributed.world_size() > 1:
             raise SoftPromptError("model tuning runs in one process; drop --devices / torchrun")
@@ -267,7 +265,11 @@ class TrainingRun:
                 "elapsed_s": round(time.perf_counter() - self.started, 1)}
 
     def finish(self) -> TrainResult:
-        saved = self.method.result(self.best, self.summary(), self.out)
+        summary = self.summary()
+        # what trained is done with: free it before the result is built (model tuning loads its best copy back)
+        del self.optimizer, self.scheduler, self.parameters
+        self.model = None
+        saved = self.method.result(self.best, summary, self.out)
         prompt = saved if isinstance(saved, SoftPrompt) else None
         if distributed.is_main() and prompt is not None:
             prompt.save(self.out)
@@ -349,6 +351,9 @@ def _load_checkpoint(path: Path, trainable: torch.nn.Module, optimizer: torch.op
     if scaler.is_enabled() and scaler_state:
         scaler.load_state_dict(scaler_state)
     best = {key[len("best."):]: value.to(device) for key, value in tensors.items() if key.startswith("best.")}
+    if not best:
+        raise SoftPromptError(f"checkpoint {path} was written by an older softprompt (no 'best.prompt' tensor): "
+                              "start the run again without --resume")
     return json.loads(metadata["state"]), best
 
 
