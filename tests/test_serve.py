@@ -241,9 +241,9 @@ def test_per_prompt_batching_never_mixes_prompts(served):
     seen = []
     original = bank.classify
 
-    def recording(requests):
+    def recording(requests, snapshot=None):
         seen.append({name for name, _ in requests})
-        return original(requests)
+        return original(requests, snapshot)
 
     bank.classify = recording
     with TestClient(create_app(bank, max_batch=8, max_wait_ms=500, batching="per-prompt")) as test_client:

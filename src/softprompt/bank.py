@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,21 @@ from .evaluate import Prediction, generate_texts, padding_bounded_batches
 from .prompt import SoftPrompt, prompt_files
 
 log = logging.getLogger("softprompt.bank")
+MAX_PROMPT_LENGTH = 1024  # virtual tokens; the paper's longest is 150, and a prompt's cache grows with its length
+
+
+def by_snapshot(run: Callable[[list, Snapshot], list], items: list[tuple[Snapshot, tuple]]) -> list:
+    """Run (snapshot, request) items, each on the snapshot it was checked against: `run(requests, snapshot)` once
+    per snapshot present, answers back in the items' order. A reload between a request's check and its batch then
+    never turns it into an unknown prompt."""
+    groups: dict[int, tuple[Snapshot, list[int]]] = {}
+    for position, (snapshot, _) in enumerate(items):
+        groups.setdefault(id(snapshot), (snapshot, []))[1].append(position)
+    answers: list = [None] * len(items)
+    for snapshot, positions in groups.values():
+        for position, answer in zip(positions, run([items[p][1] for p in positions], snapshot)):
+            answers[position] = answer
+    return answers
 
 
 class UnknownPrompt(SoftPromptError):
@@ -51,10 +67,12 @@ class PromptBank:
     splitting where the backbone drops padding itself (`Backbone.drops_padding`) or on a GPU, where a batch's cost
     is mostly its kernel launches."""
 
-    def __init__(self, backbone: Backbone, max_input_tokens: int = 256, max_padding: float | None = None):
+    def __init__(self, backbone: Backbone, max_input_tokens: int = 256, max_padding: float | None = None,
+                 max_prompt_length: int = MAX_PROMPT_LENGTH):
         backbone.require("mix_prompts", "a PromptBank (mixed-prompt batches)")
         self.backbone = backbone
         self.max_input_tokens = max_input_tokens
+        self.max_prompt_length = max_prompt_length  # longer prompt files are rejected (memory and time at load)
         if max_padding is None:
             max_padding = 0.25 if backbone.device.type == "cpu" and not backbone.drops_padding else 1.0
         self.max_padding = max_padding
@@ -63,8 +81,9 @@ class PromptBank:
         self._reload_lock = threading.Lock()
 
     @classmethod
-    def from_directory(cls, backbone: Backbone, directory: str | Path, max_input_tokens: int = 256) -> PromptBank:
-        bank = cls(backbone, max_input_tokens)
+    def from_directory(cls, backbone: Backbone, directory: str | Path, max_input_tokens: int = 256,
+                       max_prompt_length: int = MAX_PROMPT_LENGTH) -> PromptBank:
+        bank = cls(backbone, max_input_tokens, max_prompt_length=max_prompt_length)
         bank.directory = Path(directory)
         if not bank.directory.is_dir():
             raise SoftPromptError(f"prompt directory {directory} does not exist")
@@ -72,25 +91,29 @@ class PromptBank:
         return bank
 
     def reload(self) -> dict[str, list[str]]:
-        """Rescan the directory; new or changed files go live, removed ones leave. Returns what changed."""
+        """Rescan the directory; new or changed files go live, removed ones leave. A file that cannot be served is
+        skipped with its reason (`rejected`); if it replaced a good version of its prompt, that version stays
+        served. Returns what changed."""
         with self._reload_lock:
             old = self.snapshot
             prompts: dict[str, tuple[SoftPrompt, tuple[int, int]]] = {}
             rejected: dict[str, str] = {}
             for path in prompt_files(self.directory):
-                stat = path.stat()
-                stamp = (stat.st_mtime_ns, stat.st_size)
                 name = path.name[: -len(".safetensors")]
-                if name in old.entries and old.entries[name].stamp == stamp:
-                    prompts[name] = (old.entries[name].prompt, stamp)
-                    continue
                 try:
-                    prompt = SoftPrompt.load(path)
-                    prompt.check_backbone(self.backbone)
-                    prompts[name] = (prompt, stamp)
-                except SoftPromptError as error:
-                    rejected[path.name] = str(error)
-                    log.warning("not serving %s: %s", path, error)
+                    stat = path.stat()
+                    stamp = (stat.st_mtime_ns, stat.st_size)
+                    if name in old.entries and old.entries[name].stamp == stamp:
+                        prompts[name] = (old.entries[name].prompt, stamp)
+                        continue
+                    prompts[name] = (self._checked(path), stamp)
+                except Exception as error:  # noqa: BLE001 - one bad file never stops the others
+                    reason = str(error) if isinstance(error, SoftPromptError) else f"{type(error).__name__}: {error}"
+                    if name in old.entries:
+                        prompts[name] = (old.entries[name].prompt, old.entries[name].stamp)
+                        reason += "; the last good version stays served"
+                    rejected[path.name] = reason
+                    log.warning("not serving %s: %s", path, reason)
             self.snapshot = self._build(prompts, rejected)
             new = self.snapshot.entries
             return {
@@ -99,6 +122,11 @@ class PromptBank:
                 "removed": sorted(set(old.entries) - set(new)),
                 "rejected": sorted(rejected),
             }
+
+    def _checked(self, path: Path) -> SoftPrompt:
+        prompt = SoftPrompt.load(path, max_length=self.max_prompt_length)
+        prompt.check_backbone(self.backbone)
+        return prompt
 
     def add(self, name: str, prompt: SoftPrompt) -> None:
         """Serve an in-memory prompt (the Python API; directories use reload)."""
@@ -110,11 +138,16 @@ class PromptBank:
 
     @torch.no_grad()
     def _build(self, prompts: dict[str, tuple[SoftPrompt, tuple[int, int]]], rejected: dict[str, str]) -> Snapshot:
-        entries, caches = {}, []
-        for index, (name, (prompt, stamp)) in enumerate(prompts.items()):
-            task_tokenizer = TaskTokenizer(self.backbone, prompt.task, self.max_input_tokens)
-            caches.append(prompt.cache(self.backbone))
-            entries[name] = Entry(name, prompt, task_tokenizer, index, caches[-1].width, stamp)
+        entries, caches, rejected = {}, [], dict(rejected)
+        for name, (prompt, stamp) in prompts.items():
+            try:
+                task_tokenizer = TaskTokenizer(self.backbone, prompt.task, self.max_input_tokens)
+                cache = prompt.cache(self.backbone)
+            except SoftPromptError as error:  # e.g. a verbalizer this tokenizer turns into nothing
+                rejected[f"{name}.safetensors"] = str(error)
+                continue
+            entries[name] = Entry(name, prompt, task_tokenizer, len(caches), cache.width, stamp)
+            caches.append(cache)
         return Snapshot(entries, PromptCache.stack(caches) if caches else None, rejected)
 
     def entry(self, name: str, snapshot: Snapshot | None = None) -> Entry:
@@ -124,10 +157,12 @@ class PromptBank:
         return entries[name]
 
     @torch.inference_mode()
-    def classify(self, requests: list[tuple[str, dict[str, str]]]) -> list[Prediction]:
+    def classify(self, requests: list[tuple[str, dict[str, str]]], snapshot: Snapshot | None = None
+                 ) -> list[Prediction]:
         """A batch mixing any prompts: (prompt name, row fields) -> label + probabilities. One forward pass, or
-        a few of similar-length rows (`max_padding`)."""
-        snapshot = self.snapshot  # one consistent view even if a reload lands meanwhile
+        a few of similar-length rows (`max_padding`). `snapshot`: the one the requests were checked against
+        (default the current one: one consistent view even if a reload lands meanwhile)."""
+        snapshot = snapshot or self.snapshot
         entries = self._checked_entries(snapshot, requests, classify=True)
         items = [(e.task_tokenizer.label_ids, e.task_tokenizer.encode(Example(fields, None, None, "request")))
                  for e, (_, fields) in zip(entries, requests)]
@@ -163,10 +198,11 @@ class PromptBank:
         return self.generate_mixed([(name, fields, max_new_tokens) for fields in rows])
 
     @torch.inference_mode()
-    def generate_mixed(self, requests: list[tuple[str, dict[str, str], int]]) -> list[str]:
+    def generate_mixed(self, requests: list[tuple[str, dict[str, str], int]], snapshot: Snapshot | None = None
+                       ) -> list[str]:
         """A batch mixing any generation prompts: (prompt name, row fields, max new tokens) -> one-line answer;
-        the rows decode together, each after its own prompt (`Backbone.generate`)."""
-        snapshot = self.snapshot  # one consistent view even if a reload lands meanwhile
+        the rows decode together, each after its own prompt (`Backbone.generate`). `snapshot`: as for classify."""
+        snapshot = snapshot or self.snapshot
         entries = self._checked_entries(snapshot, [(name, fields) for name, fields, _ in requests], classify=False)
         items = [e.task_tokenizer.encode(Example(fields, None, None, "request"))
                  for e, (_, fields, _) in zip(entries, requests)]

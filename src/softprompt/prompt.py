@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .backbone import Backbone, PromptCache
@@ -95,61 +95,47 @@ class SoftPrompt:
 
     @staticmethod
     def read_metadata(path: str | Path) -> dict | None:
-        """The JSON header of a prompt file without reading its tensors; None if it is not a readable prompt file."""
-        from safetensors import safe_open
-
+        """The checked metadata of a prompt file without reading its tensors (`task` as a TaskSpec); None if it is
+        not a readable prompt file."""
         try:
             with safe_open(str(path), framework="pt") as handle:
                 header = handle.metadata() or {}
-            return json.loads(header["softprompt"]) if header.get("format") == FORMAT else None
-        except (SafetensorError, OSError, ValueError, KeyError):
+            return _checked_metadata(Path(path), header) if header.get("format") == FORMAT else None
+        except (SafetensorError, OSError, ValueError, SoftPromptError):
             return None
 
     @classmethod
-    def load(cls, path: str | Path) -> SoftPrompt:
+    def load(cls, path: str | Path, max_length: int | None = None) -> SoftPrompt:
+        """Read and check a prompt file: safetensors only (no pickle), the metadata schema, float tensors of the
+        right shapes, finite values, 1 <= K <= `max_length` (when given). Any problem is a SoftPromptError naming
+        the file and what is wrong."""
         path = Path(path)
-        if not path.is_file():
-            raise SoftPromptError(f"prompt file {path} does not exist")
-        try:
-            tensors = load_file(str(path))
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as handle:
-                header = handle.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as error:
-            raise SoftPromptError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") \
-                from None
+        tensors, header = _read_safetensors(path)
         if header.get("format") != FORMAT or not ({"prompt", "prefix"} & set(tensors)):
             raise SoftPromptError(
                 f"{path} is a safetensors file but not a softprompt prompt file (format {header.get('format')!r}, "
                 f"expected {FORMAT!r} with a 'prompt' or 'prefix' tensor)"
             )
-        meta = json.loads(header["softprompt"])
-        embeddings, key_values = tensors.get("prompt"), tensors.get("prefix")
-        if embeddings is not None and embeddings.ndim != 2:
-            raise SoftPromptError(f"{path}: prompt tensor must be [K, d], found shape {list(embeddings.shape)}")
-        if key_values is not None and (key_values.ndim != 5 or key_values.shape[1] != 2):
+        meta = _checked_metadata(path, header)
+        task = meta["task"]
+        embeddings = _checked_tensor(path, tensors, "prompt", "[K, d]", 2, 0, max_length)
+        key_values = _checked_tensor(path, tensors, "prefix", "[layers, 2, kv_heads, K, head_dim]", 5, 3, max_length)
+        if key_values is not None and key_values.shape[1] != 2:
             raise SoftPromptError(f"{path}: prefix tensor must be [layers, 2, kv_heads, K, head_dim], found shape "
                                   f"{list(key_values.shape)}")
-        head = tensors.get("head")
-        labels = TaskSpec.from_dict(meta["task"]).labels
-        if head is not None and (embeddings is None or head.ndim != 2 or labels is None
-                                 or list(head.shape) != [len(labels), embeddings.shape[1]]):
-            raise SoftPromptError(f"{path}: head tensor must be [labels, d] = {[len(labels or []), '<d>']}, found "
-                                  f"shape {list(head.shape)}")
-        return cls(
-            embeddings=embeddings,
-            key_values=key_values,
-            label_head=head,
-            base_model=meta["base_model"],
-            fingerprint=meta["fingerprint"],
-            task=TaskSpec.from_dict(meta["task"]),
-            init=meta.get("init", "unknown"),
-            training=meta.get("training", {}),
-        )
+        head = _checked_tensor(path, tensors, "head", "[labels, d]", 2, None, None)
+        if head is not None and (embeddings is None or task.labels is None
+                                 or list(head.shape) != [len(task.labels), embeddings.shape[1]]):
+            raise SoftPromptError(f"{path}: head tensor must be [labels, d] = {[len(task.labels or []), '<d>']}, "
+                                  f"found shape {list(head.shape)}")
+        return cls(embeddings=embeddings, key_values=key_values, label_head=head, base_model=meta["base_model"],
+                   fingerprint=meta["fingerprint"], task=task, init=meta["init"], training=meta["training"])
 
     def check_backbone(self, backbone: Backbone) -> None:
-        """Refuse to run on a model other than the one the prompt was trained on."""
+        """Refuse to run on a model other than the one the prompt was trained on, or one too short for it."""
+        if self.length >= backbone.max_positions:
+            raise SoftPromptError(f"prompt has K={self.length} virtual tokens; {backbone.name!r} takes "
+                                  f"{backbone.max_positions} positions in all, input included")
         if self.key_values is not None:
             backbone.require("deep_prompts", f"the deep prompt trained on {self.base_model!r}")
             expected = backbone.deep_prompt_shape(self.length)
@@ -187,3 +173,61 @@ def base_model_of(directory: str | Path) -> str:
     if len(bases) != 1:
         raise SoftPromptError(f"give --model: the prompts in {directory} name base models {sorted(bases) or 'none'}")
     return bases.pop()
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.is_file():
+        raise SoftPromptError(f"prompt file {path} does not exist")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise SoftPromptError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+    return tensors, header
+
+
+def _checked_metadata(path: Path, header: dict[str, str]) -> dict:
+    """The JSON header with the types a prompt file promises; `task` becomes a TaskSpec."""
+    try:
+        meta = json.loads(header.get("softprompt", ""))
+    except json.JSONDecodeError as error:
+        raise SoftPromptError(f"{path}: the 'softprompt' metadata is not valid JSON: {error}") from None
+    if not isinstance(meta, dict):
+        raise SoftPromptError(f"{path}: the 'softprompt' metadata must be a JSON object, got {type(meta).__name__}")
+    for key, kind in (("base_model", str), ("fingerprint", str), ("task", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise SoftPromptError(f"{path}: metadata field {key!r} must be a {kind.__name__}, got "
+                                  f"{type(meta.get(key)).__name__}")
+    for key, kind, default in (("init", str, "unknown"), ("training", dict, {})):
+        meta.setdefault(key, default)
+        if not isinstance(meta[key], kind):
+            raise SoftPromptError(f"{path}: metadata field {key!r} must be a {kind.__name__}")
+    try:
+        meta["task"] = TaskSpec.from_dict(meta["task"])
+    except SoftPromptError as error:
+        raise SoftPromptError(f"{path}: metadata field 'task': {error}") from None
+    return meta
+
+
+def _checked_tensor(path: Path, tensors: dict[str, torch.Tensor], name: str, shape: str, ndim: int,
+                    length_dim: int | None, max_length: int | None) -> torch.Tensor | None:
+    """Tensor `name` as float32, or None if absent: floating point, `ndim` dimensions, finite, and its prompt
+    length (dimension `length_dim`) at least 1 and at most `max_length`."""
+    tensor = tensors.get(name)
+    if tensor is None:
+        return None
+    if not tensor.is_floating_point():
+        raise SoftPromptError(f"{path}: {name} tensor must be floating point, found {tensor.dtype}")
+    if tensor.ndim != ndim:
+        raise SoftPromptError(f"{path}: {name} tensor must be {shape}, found shape {list(tensor.shape)}")
+    if length_dim is not None and not 1 <= tensor.shape[length_dim] <= (max_length or tensor.shape[length_dim]):
+        limit = f" (this server takes at most {max_length})" if max_length else ""
+        raise SoftPromptError(f"{path}: {name} tensor has K={tensor.shape[length_dim]} virtual tokens; K must be "
+                              f"at least 1{limit}")
+    # a copy: safetensors maps the file into memory, and a file overwritten in place later (a new version being
+    # written) would change the prompt being served under it
+    tensor = tensor.to(torch.float32, copy=True)
+    if not bool(torch.isfinite(tensor).all()):
+        raise SoftPromptError(f"{path}: {name} tensor holds NaN or infinite values")
+    return tensor

@@ -62,7 +62,14 @@ class TaskSpec:
         if missing:
             raise SoftPromptError(f"{where}: template field {missing!r} is not in the row (template fields: "
                                   f"{', '.join(self.fields)}; the row has: {', '.join(map(str, row))})")
-        return {name: str(row[name]) for name in self.fields}
+        values = {name: str(row[name]) for name in self.fields}
+        for name, value in values.items():
+            try:  # a lone surrogate ("\ud800", valid JSON) is no text a tokenizer can take
+                value.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise SoftPromptError(f"{where}: field {name!r} is not valid Unicode text ({error.reason} at "
+                                      f"character {error.start})") from None
+        return values
 
     def require_kind(self, classify: bool, prompt_name: str) -> None:
         """Classifiers classify and generation prompts generate: say which call the other kind needs."""
@@ -76,7 +83,17 @@ class TaskSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> TaskSpec:
+        """A task from its JSON form (a prompt file's metadata), each field's type checked first."""
         known = {key: value for key, value in data.items() if key in cls.__dataclass_fields__}
+        for key, value in known.items():
+            if key in ("labels", "verbalizer"):
+                ok = value is None or (isinstance(value, list) and all(isinstance(item, str) for item in value))
+            else:
+                ok = isinstance(value, dict if key == "extra" else str)
+            if not ok:
+                wanted = "a list of strings or null" if key in ("labels", "verbalizer") else (
+                    "an object" if key == "extra" else "a string")
+                raise SoftPromptError(f"task field {key!r} must be {wanted}, got {value!r:.80}")
         return cls(**known)
 
 

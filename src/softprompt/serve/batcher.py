@@ -2,6 +2,8 @@
 
 A single worker thread takes the first waiting job, then keeps collecting until `max_batch` items are queued or
 `max_wait_ms` has passed since that first job, runs them in one forward pass, and resolves every job's future.
+A batch that fails is split in halves and run again, down to single jobs, so only the job that caused the failure
+gets the error: one bad request never fails the requests that happened to share its batch.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+
+
+class QueueFull(Exception):
+    """More inputs are waiting than the batcher takes: the client should come back later (HTTP 503)."""
 
 
 @dataclass
@@ -29,8 +35,11 @@ class Batcher:
 
     def __init__(self, run: Callable[[list], list], max_batch: int = 32, max_wait_ms: float = 5.0,
                  on_batch: Callable[[int, list[float], float], None] | None = None,
-                 group_key: Callable[[Job], Hashable] | None = None):
+                 group_key: Callable[[Job], Hashable] | None = None, max_queued: int | None = None):
         self.run = run
+        self.max_queued = max_queued  # inputs waiting at most; past it `submit` raises QueueFull
+        self.queued = 0  # inputs submitted and not yet taken into a batch
+        self.queued_lock = threading.Lock()
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self.on_batch = on_batch  # (batch size, queue waits, model seconds) for metrics
@@ -44,6 +53,10 @@ class Batcher:
     async def submit(self, items: list) -> list:
         loop = asyncio.get_running_loop()
         job = Job(items, loop.create_future(), loop)
+        with self.queued_lock:
+            if self.max_queued is not None and self.queued + len(items) > self.max_queued:
+                raise QueueFull(f"{self.queued} inputs are waiting (the limit is {self.max_queued}); retry shortly")
+            self.queued += len(items)
         self.jobs.put(job)
         return await job.future
 
@@ -94,17 +107,29 @@ class Batcher:
         return size + len(job.items) <= self.max_batch and (self.group_key is None or self.group_key(job) == key)
 
     def _run(self, batch: list[Job], size: int) -> None:
+        with self.queued_lock:
+            self.queued -= size
         started = time.perf_counter()
         waits = [started - job.queued_at for job in batch]
         try:
-            results = self.run([item for job in batch for item in job.items])
-        except Exception as error:  # every waiting request gets the error, the worker lives on
-            for job in batch:
-                job.loop.call_soon_threadsafe(_set_exception, job.future, error)
-            return
+            self._run_isolated(batch)
         finally:
             if self.on_batch:
                 self.on_batch(size, waits, time.perf_counter() - started)
+
+    def _run_isolated(self, batch: list[Job]) -> None:
+        """Run `batch` as one; if it fails, run each half again, so that the error reaches only the jobs that
+        fail on their own (the worker lives on either way)."""
+        try:
+            results = self.run([item for job in batch for item in job.items])
+        except Exception as error:
+            if len(batch) == 1:
+                batch[0].loop.call_soon_threadsafe(_set_exception, batch[0].future, error)
+                return
+            middle = len(batch) // 2
+            self._run_isolated(batch[:middle])
+            self._run_isolated(batch[middle:])
+            return
         offset = 0
         for job in batch:
             part = results[offset : offset + len(job.items)]

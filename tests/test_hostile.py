@@ -1,0 +1,181 @@
+"""Issue #18: one bad request or file never hurts anyone else (server, prompt files, batcher)."""
+
+import asyncio
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import save_file
+from test_serve import TASKS, TEXTS, served  # noqa: F401 (a fixture)
+
+from softprompt.bank import PromptBank
+from softprompt.errors import SoftPromptError
+from softprompt.prompt import FORMAT, SoftPrompt
+from softprompt.serve import create_app
+from softprompt.serve.batcher import Batcher, QueueFull
+
+
+def test_a_failing_batch_fails_only_the_request_that_broke_it():
+    """The batcher splits a failing batch until the culprit runs alone: every other job gets its answer."""
+    runs = []
+
+    def run(items):
+        runs.append(list(items))
+        if "poison" in items:
+            raise ValueError("this input breaks the model")
+        return [item.upper() for item in items]
+
+    async def main():
+        batcher = Batcher(run, max_batch=16, max_wait_ms=200)
+        jobs = [batcher.submit(["poison" if i == 5 else f"ok{i}"]) for i in range(9)]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        batcher.close()
+        return results
+
+    results = asyncio.run(main())
+    assert isinstance(results[5], ValueError)
+    assert [r for i, r in enumerate(results) if i != 5] == [[f"OK{i}"] for i in range(9) if i != 5]
+    assert len(runs[0]) == 9  # they did share a batch first
+    assert ["poison"] in runs  # and the culprit ran alone in the end
+
+
+def test_a_full_queue_answers_busy_instead_of_growing():
+    release = threading.Event()
+
+    def run(items):
+        release.wait(5)
+        return items
+
+    async def main():
+        batcher = Batcher(run, max_batch=1, max_wait_ms=0, max_queued=2)
+        first = asyncio.ensure_future(batcher.submit(["a"]))
+        second = asyncio.ensure_future(batcher.submit(["b"]))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull, match="2 inputs are waiting"):
+            await batcher.submit(["c"])
+        release.set()
+        answers = await asyncio.gather(first, second)
+        assert await batcher.submit(["d"]) == ["d"]  # room again once the queue drained
+        batcher.close()
+        return answers
+
+    assert asyncio.run(main()) == [["a"], ["b"]]
+
+
+def test_a_poisoned_input_among_concurrent_good_ones(served):  # noqa: F811
+    bank, _, _ = served
+    good = {"prompt": "sentiment", "inputs": [TEXTS[0]]}
+    with TestClient(create_app(bank, max_batch=32, max_wait_ms=200)) as client:
+        expected = client.post("/v1/classify", json=good).json()
+        bodies = [good] * 12 + [{"prompt": "sentiment", "inputs": ["bad \ud800 x"]}] * 3
+        with ThreadPoolExecutor(15) as pool:  # the body as JSON escapes: the client library would refuse "\ud800"
+            answers = list(pool.map(lambda body: client.post("/v1/classify", content=json.dumps(body),
+                                                             headers={"content-type": "application/json"}), bodies))
+    assert [a.status_code for a in answers] == [200] * 12 + [422] * 3
+    assert all(a.json() == expected for a in answers[:12])
+    assert "field 'text' is not valid Unicode text" in answers[-1].json()["detail"]
+
+
+@pytest.mark.parametrize("body", [
+    '{"prompt": "qa", "inputs": ["x"], "max_new_tokens": 1e400}',
+    '{"prompt": "qa", "inputs": ["x"], "max_new_tokens": NaN}',
+    '{"prompt": "sentiment", "inputs": [{"text": 5}]}',
+    '{"prompt": "\\ud800", "inputs": ["x"]}',
+])
+def test_unencodable_or_wrong_json_values_are_a_422_that_echoes_nothing(served, body):  # noqa: F811
+    bank, _, _ = served
+    with TestClient(create_app(bank)) as client:
+        answer = client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code in (404, 422)
+    detail = answer.json()["detail"]
+    assert isinstance(detail, str) or all(set(problem) == {"loc", "msg", "type"} for problem in detail)
+
+
+def test_a_non_ascii_api_key_is_a_401(served):  # noqa: F811
+    bank, _, _ = served
+    with TestClient(create_app(bank, api_key="secret")) as client:
+        answer = client.post("/v1/classify", json={"prompt": "sentiment", "inputs": ["x"]},
+                             headers={"X-API-Key": "clé".encode()})
+        assert answer.status_code == 401
+
+
+def test_metrics_label_routes_not_raw_paths(served):  # noqa: F811
+    bank, _, _ = served
+    with TestClient(create_app(bank)) as client:
+        for number in range(50):
+            client.get(f"/x%22%7Dfake_metric%201%0A%23{number}")  # /x"}fake_metric 1\n#N once decoded
+        client.post("/v1/classify", json={"prompt": "sentiment", "inputs": ["x"]})
+        metrics = client.get("/metrics").text
+        assert client.get("/docs").status_code == client.get("/openapi.json").status_code == 404
+    assert "fake_metric" not in metrics
+    assert 'softprompt_requests_total{path="unmatched",status="404"} 50' in metrics
+    assert 'softprompt_requests_total{path="/v1/classify",status="200"} 1' in metrics
+    assert len(metrics.splitlines()) < 60  # bounded whatever the clients send
+
+
+def prompt_file(path, tensors, meta):
+    save_file(tensors, str(path), metadata={"format": FORMAT, "softprompt": meta})
+
+
+def good_meta(backbone, **changes):
+    meta = {"base_model": backbone.name, "fingerprint": backbone.fingerprint,
+            "task": TASKS["sentiment"][0].to_dict(), **changes}
+    return json.dumps(meta)
+
+
+@pytest.mark.parametrize("name, tensors, meta, reason", [
+    ("json", {"prompt": torch.zeros(2, 32)}, "{not json", "metadata is not valid JSON"),
+    ("missing", {"prompt": torch.zeros(2, 32)}, '{"task": {}}', "metadata field 'base_model' must be a str"),
+    ("task-string", {"prompt": torch.zeros(2, 32)}, None, "metadata field 'task' must be a dict"),
+    ("k0", {"prompt": torch.zeros(0, 32)}, "good", "K=0 virtual tokens; K must be at least 1"),
+    ("int", {"prompt": torch.zeros(2, 32, dtype=torch.int64)}, "good", "must be floating point"),
+    ("nan", {"prompt": torch.full((2, 32), float("nan"))}, "good", "NaN or infinite"),
+    ("long", {"prompt": torch.zeros(2000, 32)}, "good", "K=2000 virtual tokens; K must be at least 1 (this server "
+                                                        "takes at most 1024)"),
+    ("labels", {"prompt": torch.zeros(2, 32)}, "bad-labels", "task field 'labels' must be a list of strings"),
+])
+def test_a_malformed_prompt_file_is_skipped_with_its_reason(tmp_path, llama_backbone, name, tensors, meta, reason):
+    SoftPrompt(torch.zeros(3, 32), llama_backbone.name, llama_backbone.fingerprint,
+               TASKS["sentiment"][0]).save(tmp_path / "fine.safetensors")
+    if meta == "good":
+        meta = good_meta(llama_backbone)
+    elif meta == "bad-labels":
+        meta = good_meta(llama_backbone, task={"template": "{text}", "labels": "ab"})
+    elif meta is None:
+        meta = json.dumps({"base_model": "m", "fingerprint": "f", "task": "sentiment"})
+    prompt_file(tmp_path / f"{name}.safetensors", tensors, meta)
+    bank = PromptBank.from_directory(llama_backbone, tmp_path)
+    assert list(bank.snapshot.entries) == ["fine"]
+    assert reason in bank.snapshot.rejected[f"{name}.safetensors"]
+    with pytest.raises(SoftPromptError, match="virtual tokens|metadata|floating|NaN|task field"):
+        SoftPrompt.load(tmp_path / f"{name}.safetensors", max_length=1024)
+
+
+def test_a_bad_new_version_keeps_the_last_good_one_served(served):  # noqa: F811
+    bank, prompts, directory = served
+    before = bank.classify([("sentiment", {"text": TEXTS[0]})])[0]
+    (directory / "sentiment.safetensors").write_bytes(b"half-writ")  # overwritten in place, then cut short
+    changed = bank.reload()
+    assert "sentiment" in bank.snapshot.entries and "sentiment.safetensors" in changed["rejected"]
+    assert "the last good version stays served" in bank.snapshot.rejected["sentiment.safetensors"]
+    assert bank.classify([("sentiment", {"text": TEXTS[0]})])[0] == before
+    prompts["sentiment"].save(directory / "sentiment.safetensors")  # mended: served again, rejection gone
+    bank.reload()
+    assert "sentiment.safetensors" not in bank.snapshot.rejected
+
+
+def test_a_request_runs_on_the_snapshot_it_was_checked_against(served):  # noqa: F811
+    """A reload that removes a prompt between a request's check and its batch does not fail that request."""
+    bank, _, directory = served
+    checked = bank.snapshot
+    (directory / "topic.safetensors").unlink()
+    bank.reload()
+    assert "topic" not in bank.snapshot.entries
+    from softprompt.bank import by_snapshot
+
+    answers = by_snapshot(bank.classify, [(checked, ("topic", {"text": TEXTS[2]})),
+                                          (bank.snapshot, ("sentiment", {"text": TEXTS[0]}))])
+    assert answers[0].label in TASKS["topic"][0].labels and answers[1].label in ("negative", "positive")
