@@ -230,7 +230,8 @@ def test_train_options_are_the_train_config_fields_with_their_defaults_and_help(
         option = options.pop(field.name)
         assert option.help == field.metadata["help"] and option.default == field.default
     assert set(options) == {"out", "model", "data", "valid", "test", "template", "labels", "text_field",
-                            "label_field", "resume", "precision", "baseline", "generate", "device_map", "devices"}
+                            "label_field", "resume", "resume_anyway", "precision", "baseline", "generate",
+                            "device_map", "devices"}
     flags = {param.name: param.opts + param.secondary_opts for param in command.params}
     assert flags["max_input_tokens"] == ["--max-length"] and flags["route"] == ["--route"]
     assert flags["compile"] == ["--compile", "--no-compile"] and flags["valid_limit"] == ["--valid-limit"]

@@ -179,3 +179,156 @@ def test_a_request_runs_on_the_snapshot_it_was_checked_against(served):  # noqa:
     answers = by_snapshot(bank.classify, [(checked, ("topic", {"text": TEXTS[2]})),
                                           (bank.snapshot, ("sentiment", {"text": TEXTS[0]}))])
     assert answers[0].label in TASKS["topic"][0].labels and answers[1].label in ("negative", "positive")
+
+
+@pytest.fixture
+def live_server(served):  # noqa: F811
+    """The real app under uvicorn on a loopback port, with short header and body timeouts."""
+    import socket
+
+    import uvicorn
+
+    from softprompt.serve.connections import guarded_protocol
+
+    bank, _, _ = served
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(create_app(bank, body_timeout_s=0.5), host="127.0.0.1", port=port, log_level="error",
+                            http=guarded_protocol(0.5), limit_concurrency=64)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        threading.Event().wait(0.05)
+    yield port
+    server.should_exit = True
+    thread.join(10)
+
+
+def read_all(connection) -> bytes:
+    connection.settimeout(10)  # far past the server's 0.5 s: the server must act first
+    chunks = []
+    while chunk := connection.recv(4096):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_connection_that_never_finishes_its_headers_is_closed(live_server):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", live_server)) as stalled:
+        stalled.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\n")  # and then nothing
+        assert read_all(stalled) == b""  # closed by the server, no answer
+    with socket.create_connection(("127.0.0.1", live_server)) as fine:  # others are served meanwhile
+        fine.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert read_all(fine).startswith(b"HTTP/1.1 200")
+
+
+def test_a_stalled_body_gets_408(live_server):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", live_server)) as stalled:
+        stalled.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 100\r\n\r\n{\"prompt\": ")  # 11 of 100 bytes
+        assert read_all(stalled).startswith(b"HTTP/1.1 408")
+
+
+# ---------- training: bad settings, files and resumes fail early and clearly ----------
+
+
+def test_a_non_utf8_data_file_names_its_line(tmp_path):
+    from softprompt.data import read_rows
+
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"text": "fine", "label": "a"}\n{"text": "caf\xe9", "label": "b"}\n')
+    with pytest.raises(SoftPromptError, match=r"rows\.jsonl:2: not UTF-8 text \(byte 0xe9\)"):
+        read_rows(path)
+    csv_path = tmp_path / "rows.csv"
+    csv_path.write_bytes(b"text,label\nfine,a\n\nbad \xff,b\n")
+    with pytest.raises(SoftPromptError, match=r"rows\.csv:4: not UTF-8 text"):
+        read_rows(csv_path)
+
+
+def test_a_broken_jsonl_line_names_the_column_where_it_breaks(tmp_path):
+    from softprompt.data import read_rows
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "a great movie", "label": 1\n', encoding="utf-8")
+    with pytest.raises(SoftPromptError, match=r"rows\.jsonl:1: invalid JSON \(Expecting ',' delimiter at column 37\)"):
+        read_rows(path)
+
+
+def test_a_one_row_file_says_it_is_too_small_to_split(tmp_path):
+    from softprompt.data import load_dataset
+
+    path = tmp_path / "one.jsonl"
+    path.write_text('{"text": "a", "label": "x"}\n', encoding="utf-8")
+    with pytest.raises(SoftPromptError, match=r"1 row\(s\) are too few to hold 1 out for validation.*--valid FILE"):
+        load_dataset(str(path), labels=["x", "y"])
+
+
+def test_a_prompt_longer_than_the_model_takes_is_refused_before_training(tmp_path, llama_backbone):
+    from test_train import TASK, examples
+
+    from softprompt.train import TrainConfig, train
+
+    with pytest.raises(SoftPromptError, match=r"--prompt-length 100000 does not fit 'tiny-llama', which takes 512 "
+                                              r"positions in all, input included"):
+        train(llama_backbone, TASK, examples(8), examples(4), tmp_path / "p.safetensors",
+              TrainConfig(prompt_length=100000), show_progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_saving_where_nothing_can_be_written_is_an_error_naming_the_path(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    prompt = SoftPrompt(torch.zeros(2, 8), "m", "f", TASKS["sentiment"][0])
+    with pytest.raises(SoftPromptError, match=r"cannot write .*file/p\.safetensors: .*nothing was written"):
+        prompt.save(blocker / "p.safetensors")
+
+
+def test_resume_refuses_other_settings_or_data_and_names_them(tmp_path, llama_backbone, monkeypatch):
+    import sys
+
+    from test_train import TASK, examples
+
+    from softprompt.train import TrainConfig, train
+
+    training = sys.modules["softprompt.train"]  # the module: `softprompt.train` the attribute is the function
+
+    config = TrainConfig(batch_size=4, steps=8, eval_every=2, patience=0, valid_limit=None, lr=0.05)
+    out = tmp_path / "p.safetensors"
+
+    original = training.TrainingRun.evaluate
+    calls = []
+
+    def evaluate_once(self, loss):  # stop after the first checkpoint, as a kill -9 would
+        original(self, loss)
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.TrainingRun, "evaluate", evaluate_once)
+    with pytest.raises(KeyboardInterrupt):
+        train(llama_backbone, TASK, examples(8), examples(4, 50), out, config, show_progress=False)
+    monkeypatch.setattr(training.TrainingRun, "evaluate", original)
+    changed = dataclasses_replace(config, seed=3, lr=0.01)
+    with pytest.raises(SoftPromptError, match=r"lr: 0\.05 then, 0\.01 now; seed: 0 then, 3 now \(--resume-anyway"):
+        train(llama_backbone, TASK, examples(8), examples(4, 50), out, changed, resume=True, show_progress=False)
+    with pytest.raises(SoftPromptError, match=r"data: '[0-9a-f]{16}' then, '[0-9a-f]{16}' now"):
+        train(llama_backbone, TASK, examples(9), examples(4, 50), out, config, resume=True, show_progress=False)
+    with pytest.raises(SoftPromptError, match=r"prompt_length: 20 then, 5 now$"):  # a shape: never
+        train(llama_backbone, TASK, examples(8), examples(4, 50), out, dataclasses_replace(config, prompt_length=5),
+              resume=True, resume_anyway=True, show_progress=False)
+    result = train(llama_backbone, TASK, examples(8), examples(4, 50), out, changed, resume=True,
+                   resume_anyway=True, show_progress=False)
+    assert result.steps_run == 8
+
+
+def dataclasses_replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)

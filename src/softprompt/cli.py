@@ -124,7 +124,11 @@ def train(
     label_field: Annotated[str, typer.Option(help="Row field holding the label.")] = "label",
     *,
     config: TrainConfig,  # one option per TrainConfig field, from config_options
-    resume: Annotated[bool, typer.Option(help="Continue from <out>.ckpt.safetensors.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from <out>.ckpt.safetensors (same settings and data).")]
+    = False,
+    resume_anyway: Annotated[bool, typer.Option(
+        help="With --resume: continue even though settings or data changed (not prompt length or method).")]
+    = False,
     precision: PrecisionOption = "auto",
     baseline: Annotated[bool, typer.Option(help="Score the hand-written template on the test split first.")] = True,
     generate: Annotated[bool, typer.Option(help="Free-text task: --label-field is the target, exact match.")] = False,
@@ -147,7 +151,8 @@ def train(
     if dataset.test and baseline and is_main():
         zero_shot = evaluate(backbone, dataset.test, task=dataset.task, max_input_tokens=max_length)
         _show_report(zero_shot, f"hand-written prompt {dataset.task.template!r} on test")
-    result = run_training(backbone, dataset.task, dataset.train, dataset.validation, out, config, resume=resume)
+    result = run_training(backbone, dataset.task, dataset.train, dataset.validation, out, config, resume=resume,
+                          resume_anyway=resume_anyway)
     if not is_main():
         return
     console.print(f"best validation accuracy {result.best_metric:.4f} at step {result.best_step} "
@@ -276,21 +281,32 @@ def serve(
     precision: PrecisionOption = "auto",
     batching: Annotated[str, typer.Option(help="mixed | per-prompt (one prompt per forward: a baseline).")] = "mixed",
     device_map: DeviceMapOption = None,
+    max_queued: Annotated[int, typer.Option(help="Inputs waiting per queue before requests get 503.")] = 1024,
+    max_prompt_length: Annotated[int, typer.Option(help="Longest prompt file served (K); longer ones are "
+                                                        "skipped with their reason.")] = 1024,
+    max_connections: Annotated[int, typer.Option(help="Open connections at most (more get 503).")] = 512,
+    header_timeout: Annotated[float, typer.Option(help="Seconds a connection may take to send its request "
+                                                       "headers before it is closed.")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(help="Seconds a request body may stall before 408.")] = 30.0,
 ) -> None:
     """Serve every prompt in a directory from one frozen model over HTTP (mixed-task batches)."""
     import uvicorn
 
     from .bank import PromptBank
     from .serve import create_app
+    from .serve.connections import guarded_protocol
 
     if model is None:  # headers only: the bank reads (and checks, or rejects) each file once below
         model = base_model_of(prompts)
-    bank = PromptBank.from_directory(_load(model, precision, device_map), prompts)
+    bank = PromptBank.from_directory(_load(model, precision, device_map), prompts,
+                                     max_prompt_length=max_prompt_length)
     snapshot = bank.snapshot
     console.print(f"serving {len(snapshot.entries)} prompts on {model} at http://{host}:{port} "
                   f"({len(snapshot.rejected)} rejected: {', '.join(snapshot.rejected) or 'none'})")
-    app = create_app(bank, api_key, max_batch, max_wait_ms, batching=batching)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    app = create_app(bank, api_key, max_batch, max_wait_ms, batching=batching, max_queued=max_queued,
+                     body_timeout_s=body_timeout)
+    uvicorn.run(app, host=host, port=port, log_level="warning", http=guarded_protocol(header_timeout),
+                limit_concurrency=max_connections, timeout_keep_alive=5)
 
 
 @app.command()
@@ -459,6 +475,11 @@ def main() -> None:
         app(standalone_mode=False)
     except SoftPromptError as error:
         err.print(f"error: {error}", style="red", highlight=False, soft_wrap=True, markup=False)
+        sys.exit(2)
+    except OSError as error:  # disk full, read-only, no permission: what and where, not a traceback
+        where = f" ({error.filename})" if error.filename else ""
+        err.print(f"error: {error.strerror or error}{where}", style="red", highlight=False, soft_wrap=True,
+                  markup=False)
         sys.exit(2)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)

@@ -109,24 +109,34 @@ def class_label_names(saved, field: str) -> list[str] | None:
     return list(feature.names) if hasattr(feature, "names") else None
 
 
+def _text_lines(path: Path) -> list[str]:
+    """The file's lines as UTF-8 text; bytes that are not UTF-8 are an error naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig").splitlines(keepends=True)
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise SoftPromptError(f"{path}:{line}: not UTF-8 text (byte {data[error.start]:#04x}); save the file as "
+                              "UTF-8") from None
+
+
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     rows = []
-    with path.open(encoding="utf-8-sig") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise SoftPromptError(f"{path}:{number}: invalid JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(row, dict):
-                raise SoftPromptError(f"{path}:{number}: expected a JSON object, found {type(row).__name__}")
-            rows.append((f"{path}:{number}", row))
+    for number, line in enumerate(_text_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:  # without its line break: an error at the end of the line would be "line 2, column 1"
+            row = json.loads(line.rstrip("\r\n"))
+        except json.JSONDecodeError as error:
+            raise SoftPromptError(f"{path}:{number}: invalid JSON ({error.msg} at column {error.pos + 1})") from None
+        if not isinstance(row, dict):
+            raise SoftPromptError(f"{path}:{number}: expected a JSON object, found {type(row).__name__}")
+        rows.append((f"{path}:{number}", row))
     return rows
 
 
 def _read_csv(path: Path, delimiter: str) -> list[tuple[str, dict]]:
-    with path.open(encoding="utf-8-sig", newline="") as handle:
+    with io.StringIO("".join(_text_lines(path)), newline="") as handle:
         reader = csv.reader(handle, delimiter=delimiter)
         try:
             header = next(reader)
@@ -529,6 +539,9 @@ def _files_dataset(data: str, template: str | None, labels: list[str] | None, te
                 dataset.validation = split
     if valid is None and not dataset.validation:
         held_out = min(1000, max(1, int(len(examples) * valid_fraction))) if valid_fraction > 0 else 0
+        if held_out >= len(examples):
+            raise SoftPromptError(f"{data}: {len(examples)} row(s) are too few to hold {held_out} out for validation "
+                                  "and train on the rest; add rows or give a validation file (--valid FILE)")
         shuffled = examples[:]
         random.Random(SPLIT_SEED).shuffle(shuffled)
         dataset.validation, dataset.train = shuffled[:held_out], shuffled[held_out:]

@@ -10,6 +10,7 @@ function of (seed, step). Metrics are appended to `<out>.log.jsonl`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import random
 import time
@@ -133,8 +134,10 @@ def make_method(backbone: Backbone, task: TaskSpec, config: TrainConfig, out: Pa
 
 def train(backbone: Backbone, task: TaskSpec, train_examples: list[Example], valid_examples: list[Example],
           out: str | Path, config: TrainConfig | None = None, resume: bool = False,
-          show_progress: bool = True) -> TrainResult:
-    """Train by `config.method`; the best (by validation) is saved to `out` and returned."""
+          show_progress: bool = True, resume_anyway: bool = False) -> TrainResult:
+    """Train by `config.method`; the best (by validation) is saved to `out` and returned. `resume`: continue the
+    run checkpointed next to `out`, which must have had the same settings and data (`resume_anyway`: accept
+    changed settings and data, not changed shapes)."""
     config = config or TrainConfig()
     if not task.is_classification and config.objective == "rank":
         config = replace(config, objective="lm")  # nothing to rank: learn the target text itself
@@ -145,7 +148,7 @@ def train(backbone: Backbone, task: TaskSpec, train_examples: list[Example], val
                               "processes it is split across")
     torch.manual_seed(config.seed)
     run = TrainingRun(backbone, task, train_examples, valid_examples, Path(out), config)
-    run.start(resume)
+    run.start(resume, resume_anyway)
     run.loop(show_progress)
     return run.finish()
 
@@ -160,6 +163,7 @@ class TrainingRun:
         self.log_path = out.with_name(out.name + ".log.jsonl")
         self.task_tokenizer = TaskTokenizer(backbone, task, config.max_input_tokens)
         self.train_items = self.task_tokenizer.encode_all(train_examples)
+        self.data_fingerprint = data_fingerprint(train_examples, valid_examples)
         valid = valid_examples[: config.valid_limit] if config.valid_limit else valid_examples
         self.valid_items = self.task_tokenizer.encode_all(valid)
         if not self.valid_items:
@@ -176,7 +180,7 @@ class TrainingRun:
         self.stopped_early = False
         self.started = time.perf_counter()
 
-    def start(self, resume: bool) -> None:
+    def start(self, resume: bool, resume_anyway: bool = False) -> None:
         """Continue from the checkpoint, or start afresh with the starting point's validation (step 0)."""
         if resume and not self.method.resumable:
             raise SoftPromptError(f"--resume: {self.config.method} runs cannot be resumed; start it again")
@@ -184,7 +188,7 @@ class TrainingRun:
             raise SoftPromptError(f"--resume: no checkpoint at {self.checkpoint_path}")
         if resume:
             self.state, self.best = _load_checkpoint(self.checkpoint_path, self.method.trainable, self.optimizer,
-                                                     self.scaler, self.config)
+                                                     self.scaler, self.config, self.data_fingerprint, resume_anyway)
         elif self.log_path.exists() and distributed.is_main():
             self.log_path.unlink()  # a fresh run starts a fresh log
         self.scheduler = make_schedule(self.config, self.optimizer, start_step=self.state["step"])
@@ -255,7 +259,7 @@ class TrainingRun:
                                           "elapsed_s": round(state["elapsed_s"], 2)})
         if distributed.is_main() and self.method.resumable:
             _save_checkpoint(self.checkpoint_path, self.method.trainable, self.best, self.optimizer, self.scaler,
-                             state, self.config)
+                             state, self.config, self.data_fingerprint)
 
     def summary(self) -> dict:
         """What the saved result records about its training."""
@@ -305,9 +309,35 @@ def log_record(path: Path, state: dict, record: dict) -> None:
         log.write(json.dumps(record) + "\n")
 
 
+# what a resumed run may change: how it runs, not what it computes
+RESUME_MAY_CHANGE = {"compile", "compile_mode", "activation_checkpointing"}
+# what it can never change, even when told to go on anyway: the shapes of what trains and of the optimizer state
+RESUME_SHAPES = {"prompt_length", "optimizer", "method", "reparameterize"}
+
+
+def check_resumable(path: Path, saved: dict, asked: dict, anyway: bool) -> None:
+    """Refuse to continue a checkpointed run with other settings or data, naming each difference; with `anyway`,
+    only differences of shape are refused."""
+    changed = sorted(key for key in asked if key not in RESUME_MAY_CHANGE and saved.get(key) != asked[key])
+    refused = [key for key in changed if key in RESUME_SHAPES or not anyway]
+    if refused:
+        differences = "; ".join(f"{key}: {saved.get(key)!r} then, {asked[key]!r} now" for key in refused)
+        hint = "" if set(refused) & RESUME_SHAPES else " (--resume-anyway continues with the new ones)"
+        raise SoftPromptError(f"checkpoint {path} was made with other settings or data: {differences}{hint}")
+
+
+def data_fingerprint(train_examples: list[Example], valid_examples: list[Example]) -> str:
+    """Identifies the training and validation examples (fields, label, target) a checkpoint was made with."""
+    digest = hashlib.sha256()
+    for example in [*train_examples, None, *valid_examples]:
+        row = None if example is None else [example.fields, example.label, example.target]
+        digest.update(json.dumps(row, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
 def _save_checkpoint(path: Path, trainable: torch.nn.Module, best: dict[str, torch.Tensor],
                      optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, state: dict,
-                     config: TrainConfig) -> None:
+                     config: TrainConfig, data: str) -> None:
     """Everything needed to continue: what trains, the best prompt, optimizer state, the fp16 loss scale and its
     growth counter (a fresh scale would skip other steps), counters (safetensors, no pickle). Optimizer tensors
     are stored as `optimizer.<parameter index>.<name>`."""
@@ -321,21 +351,18 @@ def _save_checkpoint(path: Path, trainable: torch.nn.Module, best: dict[str, tor
             else:
                 scalars.setdefault(str(index), {})[key] = value
     metadata = {"state": json.dumps(state), "optimizer_scalars": json.dumps(scalars),
-                "loss_scaler": json.dumps(scaler.state_dict()), "config": json.dumps(asdict(config))}
+                "loss_scaler": json.dumps(scaler.state_dict()), "config": json.dumps(asdict(config)), "data": data}
     write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _load_checkpoint(path: Path, trainable: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     scaler: torch.amp.GradScaler, config: TrainConfig) -> tuple[dict, dict[str, torch.Tensor]]:
+                     scaler: torch.amp.GradScaler, config: TrainConfig, data: str,
+                     anyway: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    saved = json.loads(metadata["config"])
-    fixed = ("prompt_length", "optimizer", "method", "reparameterize")
-    if any(saved.get(key, getattr(TrainConfig, key)) != getattr(config, key) for key in fixed):
-        asked = {key: getattr(config, key) for key in fixed}
-        raise SoftPromptError(f"checkpoint {path} was made with {({key: saved.get(key) for key in fixed})}; "
-                              f"this run asks for {asked}")
+    check_resumable(path, {**json.loads(metadata["config"]), "data": metadata.get("data")},
+                    {**asdict(config), "data": data}, anyway)
     device = next(trainable.parameters()).device
     trainable.load_state_dict({key[len("trainable."):]: value.to(device) for key, value in tensors.items()
                                if key.startswith("trainable.")})

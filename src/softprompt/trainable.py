@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbone import Backbone, PromptCache
+from .errors import SoftPromptError
 from .initializers import initialize
 from .prompt import SoftPrompt, prompt_cache, scoring_inputs
 from .tasks import TaskSpec
@@ -78,6 +79,11 @@ class PromptTuning:
 
     def __init__(self, backbone: Backbone, task: TaskSpec, config):
         self.model, self.task, self.config = backbone, task, config
+        if config.method == "prefix":
+            backbone.require("deep_prompts", "deep prompts (--method prefix)")
+        if config.prompt_length + 2 > backbone.max_positions:  # + BOS and at least one input token
+            raise SoftPromptError(f"--prompt-length {config.prompt_length} does not fit {backbone.name!r}, which "
+                                  f"takes {backbone.max_positions} positions in all, input included")
         embeddings = initialize(config.init, backbone, config.prompt_length, task, config.seed).to(backbone.device)
         initial = embeddings
         if config.method == "prefix":

@@ -17,6 +17,7 @@ from ..bank import PromptBank, Snapshot, UnknownPrompt, by_snapshot
 from ..ensemble import ensemble, require_shared_labels
 from ..errors import SoftPromptError
 from .batcher import Batcher, QueueFull
+from .connections import BodyTimeout
 from .metrics import Metrics
 
 Input = str | dict[str, str]
@@ -144,9 +145,11 @@ class Service:
 
 
 def create_app(bank: PromptBank, api_key: str | None = None, max_batch: int = 32, max_wait_ms: float = 5.0,
-               max_input_chars: int = 20_000, batching: str = "mixed", max_queued: int = 1024) -> FastAPI:
+               max_input_chars: int = 20_000, batching: str = "mixed", max_queued: int = 1024,
+               body_timeout_s: float = 30.0) -> FastAPI:
     """`batching="per-prompt"` keeps each forward pass to one prompt: the baseline mixed batching is measured
-    against (bench/serve.py). `max_queued`: inputs waiting per batcher before new requests get 503."""
+    against (bench/serve.py). `max_queued`: inputs waiting per batcher before new requests get 503.
+    `body_timeout_s`: a request body that stalls this long gets 408 (connections.py)."""
     service = Service(bank, max_batch, max_wait_ms, max_input_chars, batching, max_queued)
 
     @asynccontextmanager
@@ -157,6 +160,7 @@ def create_app(bank: PromptBank, api_key: str | None = None, max_batch: int = 32
 
     # no /docs, /redoc, /openapi.json: open endpoints are /health and /metrics only (docs/serving.md)
     app = FastAPI(title="softprompt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyTimeout, seconds=body_timeout_s)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
     app.add_exception_handler(RequestValidationError, invalid_request)
 
