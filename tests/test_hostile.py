@@ -332,3 +332,50 @@ def dataclasses_replace(config, **changes):
     import dataclasses
 
     return dataclasses.replace(config, **changes)
+
+
+def test_files_damaged_under_traffic_and_reloads_never_fail_an_untouched_prompt(served):  # noqa: F811
+    """Overwritten, truncated, deleted and restored prompt files while requests and reloads run: every request
+    for an untouched prompt answers as before, and the damaged prompt keeps its last good version."""
+    bank, prompts, directory = served
+    body = {"prompt": "sentiment", "inputs": [TEXTS[0]]}
+    topic_body = {"prompt": "topic", "inputs": [TEXTS[2]]}
+    good_topic = (directory / "topic.safetensors").read_bytes()
+    with TestClient(create_app(bank, max_batch=8, max_wait_ms=2)) as client:
+        expected, expected_topic = client.post("/v1/classify", json=body).json(), \
+            client.post("/v1/classify", json=topic_body).json()
+        answers, topic_answers, stop = [], [], threading.Event()
+
+        def traffic():
+            while not stop.is_set():
+                answers.append(client.post("/v1/classify", json=body))
+
+        workers = [threading.Thread(target=traffic) for _ in range(3)]
+        for worker in workers:
+            worker.start()
+        for round_number in range(12):
+            path = directory / "topic.safetensors"
+            damage = round_number % 3
+            if damage == 0:
+                path.write_bytes(good_topic[: len(good_topic) // 2])  # truncated in place
+            elif damage == 1:
+                path.write_bytes(b"\x00" * 64)  # overwritten with junk
+            else:
+                path.unlink()  # deleted
+            assert client.post("/v1/prompts/reload").status_code == 200
+            topic_answers.append(client.post("/v1/classify", json=topic_body))
+            path.write_bytes(good_topic)  # restored
+            assert client.post("/v1/prompts/reload").status_code == 200
+        stop.set()
+        for worker in workers:
+            worker.join()
+    assert len(answers) > 12 and [a.status_code for a in answers] == [200] * len(answers)
+    def same(answer, reference):  # batch company changes the arithmetic order: equal up to float rounding
+        (got,), (want,) = answer["results"], reference["results"]
+        close = all(abs(got["scores"][label] - value) < 1e-5 for label, value in want["scores"].items())
+        return got["label"] == want["label"] and close
+
+    assert all(same(a.json(), expected) for a in answers)
+    # truncated or junk: the last good version answers; deleted: the prompt is gone (404), nothing else
+    assert [a.status_code for a in topic_answers] == [200, 200, 404] * 4
+    assert all(same(a.json(), expected_topic) for a in topic_answers if a.status_code == 200)
