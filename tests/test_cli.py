@@ -334,3 +334,11 @@ def test_prompt_files_skip_checkpoints_and_base_model_of_wants_one_model(tmp_pat
         base_model_of(tmp_path)
     with pytest.raises(SoftPromptError, match="name base models none"):
         base_model_of(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("flag, value", [("--max-queued", "0"), ("--header-timeout", "-1"), ("--body-timeout", "nan"),
+                                         ("--max-connections", "0"), ("--max-prompt-length", "-5")])
+def test_serve_limits_must_be_positive_and_are_checked_before_anything_loads(tmp_path, capsys, flag, value):
+    code, _, err = run(["serve", "--prompts", tmp_path / "no-such-dir", flag, value], capsys)
+    assert code == 2 and f"error: {flag} must be > 0, got {float(value) if '.' in value or value == 'nan' else value}" \
+        in err.replace("\n", "")

@@ -379,3 +379,20 @@ def test_files_damaged_under_traffic_and_reloads_never_fail_an_untouched_prompt(
     # truncated or junk: the last good version answers; deleted: the prompt is gone (404), nothing else
     assert [a.status_code for a in topic_answers] == [200, 200, 404] * 4
     assert all(same(a.json(), expected_topic) for a in topic_answers if a.status_code == 200)
+
+
+def test_a_prompt_whose_verbalizer_cannot_be_scored_is_refused_by_add_and_skipped_by_reload(tmp_path,
+                                                                                           llama_backbone):
+    from softprompt.tasks import TaskSpec
+
+    task = TaskSpec(name="empty", template="{text}", labels=["a", "b"], verbalizer=["", " b"])
+    prompt = SoftPrompt(torch.zeros(2, 32), llama_backbone.name, llama_backbone.fingerprint, task)
+    bank = PromptBank(llama_backbone)
+    with pytest.raises(SoftPromptError, match="a verbalizer entry tokenizes to nothing"):
+        bank.add("empty", prompt)
+    prompt.save(tmp_path / "empty.safetensors")
+    SoftPrompt(torch.zeros(2, 32), llama_backbone.name, llama_backbone.fingerprint,
+               TASKS["sentiment"][0]).save(tmp_path / "fine.safetensors")
+    directory_bank = PromptBank.from_directory(llama_backbone, tmp_path)
+    assert list(directory_bank.snapshot.entries) == ["fine"]
+    assert "a verbalizer entry tokenizes to nothing" in directory_bank.snapshot.rejected["empty.safetensors"]

@@ -129,8 +129,10 @@ class PromptBank:
         return prompt
 
     def add(self, name: str, prompt: SoftPrompt) -> None:
-        """Serve an in-memory prompt (the Python API; directories use reload)."""
+        """Serve an in-memory prompt (the Python API; directories use reload). A prompt that cannot be served is
+        an error here, not a `rejected` entry."""
         prompt.check_backbone(self.backbone)
+        TaskTokenizer(self.backbone, prompt.task, self.max_input_tokens)  # e.g. a verbalizer that tokenizes to nothing
         with self._reload_lock:
             prompts = {n: (e.prompt, e.stamp) for n, e in self.snapshot.entries.items()}
             prompts[name] = (prompt, (0, 0))

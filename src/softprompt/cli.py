@@ -296,6 +296,12 @@ def serve(
     from .serve import create_app
     from .serve.connections import guarded_protocol
 
+    limits = {"--max-batch": max_batch, "--max-queued": max_queued, "--max-prompt-length": max_prompt_length,
+              "--max-connections": max_connections, "--header-timeout": header_timeout,
+              "--body-timeout": body_timeout}
+    for flag, value in limits.items():  # checked before the model loads; NaN fails `> 0` too
+        if not value > 0:
+            raise SoftPromptError(f"{flag} must be > 0, got {value}")
     if model is None:  # headers only: the bank reads (and checks, or rejects) each file once below
         model = base_model_of(prompts)
     bank = PromptBank.from_directory(_load(model, precision, device_map), prompts,

@@ -87,7 +87,6 @@ class PromptTuning:
         embeddings = initialize(config.init, backbone, config.prompt_length, task, config.seed).to(backbone.device)
         initial = embeddings
         if config.method == "prefix":
-            backbone.require("deep_prompts", "deep prompts (--method prefix)")
             if config.activation_checkpointing:  # checkpointed layers drop a cache object, deep prompts' other way in
                 backbone.require("plain_prompt_tensors", "--activation-checkpointing with --method prefix")
             initial = backbone.deep_prompt_from_embeddings(embeddings)
