@@ -16,6 +16,7 @@ from transformers import (
 )
 
 from softprompt.causal import CausalLM
+from softprompt.data import Example
 
 torch.set_num_threads(2)
 
@@ -26,6 +27,12 @@ CORPUS = [
     "Question: what is two plus two?\nAnswer: 4",
     "the quick brown fox jumps over the lazy dog while the cat sleeps",
 ] * 20
+
+
+WORDS = ["great", "dull", "wit", "boring", "life", "long", "lazy", "quick"]
+# 16 short sentiment rows the tiny encoder-decoder and encoder models train and score on
+TOY_EXAMPLES = [Example({"text": f"a {w} movie {i % 3}"}, int(w in {"great", "wit", "life", "quick"}), None,
+                        f"row {i}") for i, w in enumerate(WORDS * 2)]
 
 
 def make_tokenizer(with_bos: bool = False) -> PreTrainedTokenizerFast:

@@ -4,6 +4,7 @@ all-MiniLM-L6-v2 (slow)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TOY_EXAMPLES as EXAMPLES
 from conftest import make_tokenizer
 from transformers import BertConfig, BertModel
 
@@ -18,9 +19,6 @@ from softprompt.train import TrainConfig, train
 
 TASK = TaskSpec(name="toy", template="Review: {text}\nSentiment:", labels=["negative", "positive"])
 TOPIC = TaskSpec(name="topic", template="Post: {text}\nTopic:", labels=["graphics", "movie", "math"])
-WORDS = ["great", "dull", "wit", "boring", "life", "long", "lazy", "quick"]
-EXAMPLES = [Example({"text": f"a {w} movie {i % 3}"}, int(w in {"great", "wit", "life", "quick"}), None, f"row {i}")
-            for i, w in enumerate(WORDS * 2)]
 
 
 def make_bert(seed: int = 0) -> EncoderClassifier:

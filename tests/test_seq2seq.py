@@ -3,6 +3,7 @@ scored by the decoder, through the same TaskTokenizer / train / evaluate code as
 
 import pytest
 import torch
+from conftest import TOY_EXAMPLES as EXAMPLES
 from conftest import make_tokenizer
 from transformers import T5Config, T5ForConditionalGeneration
 
@@ -19,9 +20,6 @@ from softprompt.train import TrainConfig, train
 # Verbalizers of different token lengths: several decoder rows per item, targets at different positions.
 TASK = TaskSpec(name="toy", template="Review: {text}\nSentiment:", labels=["negative", "positive"],
                 verbalizer=[" dull, boring and far too long", " positive"])
-WORDS = ["great", "dull", "wit", "boring", "life", "long", "lazy", "quick"]
-EXAMPLES = [Example({"text": f"a {w} movie {i % 3}"}, int(w in {"great", "wit", "life", "quick"}), None, f"row {i}")
-            for i, w in enumerate(WORDS * 2)]
 
 
 def make_t5(seed: int = 0) -> EncoderDecoderLM:
